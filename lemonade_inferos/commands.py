@@ -1,0 +1,257 @@
+"""``inferos generate | demo | convert | eval``: the model-facing subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_PROMPTS = [
+    "Once upon a time, there was a little girl named Lily.",
+    "Tom and his dog went to the park. The sun was shining and",
+    "One day, a big red bird flew to the tree. The bird was sad because",
+]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the embedded stories260K model)")
+    p.add_argument(
+        "--policy",
+        metavar="FILE|PRESET",
+        default=None,
+        help="policy preset (default, 3b, 7b, 13b, latency, throughput, quality) or YAML/JSON file",
+    )
+
+
+def register(sub: Any) -> None:
+    g = sub.add_parser(
+        "generate",
+        help="generate text with hooks and the KV store, then print TTFT, TPS, KV bytes",
+        description="Stream a continuation of PROMPT, then print time to first token, decode "
+        "tokens/s and KV-cache bytes. --baseline runs with no plugins for comparison.",
+    )
+    g.add_argument("prompt", help="prompt text")
+    _add_model_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="generated-token limit (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">= 1 (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--baseline", action="store_true", help="no plugins: ORT defaults, full-precision KV cache")
+    g.add_argument("--json", action="store_true", help="print the result and stats as JSON instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser(
+        "demo",
+        help="the main job: baseline vs inferos on the embedded model, stories and a comparison table",
+        description="Run the same prompts with the plugin off (baseline) and on, print the "
+        "stories and a table of TTFT, decode TPS, KV bytes and prompt NLL.",
+    )
+    _add_model_args(d)
+    d.add_argument("--max-new-tokens", type=int, default=400, metavar="N", help="tokens per story (default 400)")
+    d.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), metavar="N", help="how many demo prompts")
+    d.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert a checkpoint into a model folder (ONNX decoder + genai_config + tokenizer)",
+        description="Convert a llama2.c checkpoint and tokenizer into a model folder that inferos, "
+        "onnxruntime-genai and Hugging Face AutoTokenizer can load.",
+    )
+    c.add_argument("format", choices=["llama2c"], help="checkpoint format")
+    c.add_argument("checkpoint", help="llama2.c .bin checkpoint")
+    c.add_argument("tokenizer", help="llama2.c tokenizer .bin")
+    c.add_argument("out_dir", help="output model folder")
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity, ΔPPL and KL divergence of a KV policy through the cached decode path",
+        description="Tokenize FILE, decode it chunk by chunk token by token with the full-precision "
+        "cache and with the policy's KV store, and report PPL, ΔPPL, mean KLD, top-1 agreement "
+        "and KV bytes (measured at the end of the longest chunk).",
+    )
+    e.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    _add_model_args(e)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"inferos: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from .engine import Engine
+    from .plugins import get_plugin_manager
+    from .policy import load_policy
+
+    policy = load_policy(args.policy)
+    extra = []
+    try:
+        from .client import agent_plugin_from_env
+
+        plugin = agent_plugin_from_env()
+        if plugin is not None:
+            extra.append(("inferos.agent", plugin))
+    except ImportError:
+        pass
+    return Engine(args.model, pm=get_plugin_manager(extra=extra), policy=policy)
+
+
+def _stats_line(st: Any) -> str:
+    kv = st.kv
+    ttft = f"{st.ttft_ms:.1f} ms" if st.ttft_ms is not None else "n/a"
+    ratio = f" ({kv.compression_vs_fp16:.2f}x vs fp16)" if kv.active and kv.total_bytes else ""
+    return (
+        f"TTFT {ttft} | decode {st.decode_tps:.0f} tokens/s | {st.generated_tokens} tokens | "
+        f"KV {kv.total_bytes:,} bytes [{kv.store}]{ratio}"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine import GenerationConfig
+    from .model.spec import ModelFolderError
+    from .policy import PolicyError
+
+    try:
+        eng = _engine(args)
+        cfg = GenerationConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        ).validate()
+    except (PolicyError, ModelFolderError, ValueError) as e:
+        return _fail(str(e))
+
+    def stream(_tok: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    try:
+        res = eng.generate(args.prompt, cfg, on_token=None if args.json else stream, baseline=args.baseline)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps({"text": res.text, "finish_reason": res.finish_reason, "stats": res.stats.to_dict()}, indent=2))
+    else:
+        print()
+        print(_stats_line(res.stats), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .engine import GenerationConfig
+    from .model.spec import ModelFolderError
+    from .policy import PolicyError
+
+    console = Console()
+    prompts = DEMO_PROMPTS[: max(1, args.prompts)]
+    with console.status("preparing the model (first run converts the embedded checkpoint)..."):
+        try:
+            eng = _engine(args)
+        except (PolicyError, ModelFolderError, ValueError) as e:
+            return _fail(str(e))
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    eng.generate(prompts[0], GenerationConfig(max_new_tokens=8), baseline=True)  # warm-up: sessions loaded
+    eng.generate(prompts[0], GenerationConfig(max_new_tokens=8))
+    rows: list[dict[str, Any]] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=2 * len(prompts))
+        for i, prompt in enumerate(prompts):
+            for mode in ("baseline", "inferos"):
+                progress.update(task, description=f"prompt {i + 1}/{len(prompts)}: {mode}")
+                res = eng.generate(prompt, cfg, baseline=(mode == "baseline"))
+                rows.append({"prompt": prompt, "mode": mode, "text": res.text, "stats": res.stats})
+                progress.advance(task)
+    for i, prompt in enumerate(prompts):
+        b, o = rows[2 * i], rows[2 * i + 1]
+        console.rule(f"[bold]story {i + 1}")
+        console.print(f"[bold]{prompt}[/bold]{o['text']}")
+        same = _common_prefix_words(b["text"], o["text"])
+        console.print(f"[dim](inferos output matches the baseline for the first {same} words)[/dim]")
+    table = Table(title=f"baseline vs inferos: {eng.spec.name}, policy '{eng.policy.name}', {args.max_new_tokens} new tokens")
+    for col in ("#", "mode", "TTFT ms", "tok/s", "KV KiB", "KV/fp16", "prompt NLL", "L0/L1/L2/L3"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for i, r in enumerate(rows):
+        st = r["stats"]
+        kv = st.kv
+        lv = kv.level_distribution
+        table.add_row(
+            str(i // 2 + 1), r["mode"], f"{st.ttft_ms:.1f}", f"{st.decode_tps:.0f}",
+            f"{kv.total_bytes / 1024:.1f}", f"{kv.total_bytes / kv.fp16_bytes:.2f}" if kv.fp16_bytes else "-",
+            f"{st.prompt_nll:.3f}" if st.prompt_nll is not None else "-",
+            "/".join(str(lv.get(k, 0)) for k in ("L0", "L1", "L2", "L3")),
+        )
+    console.print(table)
+    console.print(
+        "[dim]KV/fp16: resident KV-cache bytes over the same tokens at float16 (baseline keeps float32 = 2.00). "
+        "L0..L3: tokens x layers at float16-or-wider / INT8 / INT4 / evicted. prompt NLL: nats per prompt token.[/dim]"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"prompt": r["prompt"], "mode": r["mode"], "text": r["text"], "stats": r["stats"].to_dict()} for r in rows], indent=2))
+        console.print(f"results written to {args.json}")
+    return 0
+
+
+def _common_prefix_words(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split(), b.split()):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .model.convert import convert_llama2c
+
+    for label, p in (("checkpoint", args.checkpoint), ("tokenizer", args.tokenizer)):
+        if not Path(p).is_file():
+            return _fail(f"{label} file {p!r} does not exist")
+    try:
+        out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, progress=lambda msg: print(msg, file=sys.stderr))
+    except ValueError as e:
+        return _fail(str(e))
+    print(out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .model.spec import ModelFolderError
+    from .policy import PolicyError
+    from .quality import EvalInputError, evaluate_text
+
+    path = Path(args.text)
+    if not path.is_file():
+        return _fail(f"--text: file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        return _fail(f"--text: {str(path)!r} is not UTF-8 text ({e})")
+    try:
+        eng = _engine(args)
+        res = evaluate_text(
+            eng, text, eng.policy,
+            progress=None if args.json else (lambda d, t: print(f"chunk {d}/{t}", file=sys.stderr)),
+        )
+    except (PolicyError, ModelFolderError, EvalInputError) as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:22s} {v}")
+    return 0

@@ -1,0 +1,426 @@
+"""The generation loop the hooks wrap: prefill, then decode step by step on one ORT session.
+
+One request::
+
+    context  = InferenceContext(...)                    # what the host knows
+    policy   = hooks.before_request(context, policy)    # PreRun
+    session  = cached InferenceSession(graph of the KV store, SessionOptions from hooks)
+    cache    = hooks.kv_cache(policy, spec, context)    # full precision or tiered quantized
+    prefill  : run(prompt ids)                          -> logits, cache.update(...)
+    decode   : run(one id) per step (IOBinding)         -> logits, cache.update(...)
+    hooks.after_request(context, stats)                 # PostRun (or on_request_error)
+
+Timing: TTFT is taken when the first generated token is handed to the caller's ``on_token``
+callback (after prefill, sampling and detokenization), decode tokens/s over the remaining
+tokens, peak RSS from ``getrusage`` (process lifetime peak, bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from ..kv.base import KVCache
+from ..model.spec import DecoderSpec, ModelFolderError
+from ..plugins import InferosManager, NoopManager, get_plugin_manager
+from ..ort_options import prime_run_options
+from ..policy import Policy, baseline_policy, load_policy
+from ..sysinfo import peak_rss_bytes
+from ..types import InferenceContext, KVStats, RunStats
+from .sampling import GenerationConfig, log_softmax, select_token
+from .text import IncrementalDetokenizer, TextCodec
+
+log = logging.getLogger("lemonade_inferos.engine")
+
+OnToken = Callable[[int, str], "bool | None"]
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the model's context window."""
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled"
+    stats: RunStats
+    policy: Policy | None = None
+    step_logits: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` that could still grow into a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class Engine:
+    """Runs one model folder; thread-safe for concurrent requests (one KV cache each).
+
+    Args:
+        model_dir: a model folder (see :mod:`lemonade_inferos.model.spec`); None = the
+            embedded stories260K model, converted on first use.
+        pm: plugin manager; None builds one with :func:`get_plugin_manager`.
+        policy: the policy in force when no plugin overrides it; None = ``default`` preset.
+        backend: ``"ort"`` (inferos' own loop with KV access), ``"oga"``
+            (onnxruntime-genai ``og.Generator``; no KV access) or ``"auto"`` (ort when the
+            folder's decoder has explicit past/present I/O, else oga).
+
+    Raises:
+        ModelFolderError: the folder is missing or unusable.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        pm: InferosManager | None = None,
+        policy: Policy | None = None,
+        backend: str = "auto",
+    ):
+        if model_dir is None:
+            from ..model.embedded import embedded_model_dir
+
+            model_dir = embedded_model_dir()
+        self.spec = DecoderSpec.from_folder(model_dir)
+        self.codec = TextCodec(self.spec)
+        self.pm = pm if pm is not None else get_plugin_manager()
+        self.policy = policy if policy is not None else load_policy("default")
+        if backend not in ("auto", "ort", "oga"):
+            raise ValueError(f"backend={backend!r} is not allowed; must be 'auto', 'ort' or 'oga'")
+        self.backend = self._detect_backend() if backend == "auto" else backend
+        self._sessions: dict[tuple, ort.InferenceSession] = {}
+        self._oga_models: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._mask = np.ones((1, self.spec.context_length + 1), dtype=np.int64)
+
+    # -- sessions -----------------------------------------------------------------------
+    def _detect_backend(self) -> str:
+        if not self.spec.model_path.is_file():
+            return "oga"
+        try:
+            import onnx
+
+            m = onnx.load(str(self.spec.model_path), load_external_data=False)
+            names = {i.name for i in m.graph.input}
+        except Exception:  # unreadable by onnx: leave it to onnxruntime-genai
+            return "oga"
+        want = {self.spec.past_key_name % 0, self.spec.past_value_name % 0, "input_ids", "attention_mask"}
+        return "ort" if want <= names else "oga"
+
+    def session(self, graph_file: str, policy: Policy, pm: InferosManager | None = None) -> ort.InferenceSession:
+        """The cached ``InferenceSession`` for ``graph_file`` under ``policy``.
+
+        Sessions are keyed by graph file and :meth:`Policy.session_key`, so requests whose
+        policies differ only in per-request fields share one session.
+        """
+        pm = pm or self.pm
+        key = (graph_file, policy.session_key(), pm.enabled)
+        sess = self._sessions.get(key)
+        if sess is not None:
+            return sess
+        with self._lock:
+            sess = self._sessions.get(key)
+            if sess is None:
+                path = self.spec.folder / graph_file
+                if not path.is_file():
+                    raise ModelFolderError(f"{str(self.spec.folder)!r} has no {graph_file}")
+                so = pm.session_options(policy, self.spec)
+                providers = pm.execution_providers(policy, ort.get_available_providers())
+                sess = ort.InferenceSession(
+                    str(path), sess_options=so, providers=[p for p, _ in providers],
+                    provider_options=[o for _, o in providers],
+                )
+                self._sessions[key] = sess
+        return sess
+
+    # -- one model run ------------------------------------------------------------------
+    def _run(
+        self,
+        sess: ort.InferenceSession,
+        cache: KVCache,
+        ids: np.ndarray,
+        start_pos: int,
+        ro: ort.RunOptions,
+        iobinding: bool,
+    ) -> np.ndarray:
+        """Run ``ids`` [1, n] int64 at logical positions ``start_pos..start_pos+n-1``.
+
+        Returns logits float32 [n, vocab]; hands the cache its outputs.
+        """
+        n = ids.shape[1]
+        total = cache.past_length + n
+        if total > self._mask.shape[1]:
+            self._mask = np.ones((1, total), dtype=np.int64)
+        mask = self._mask[:, :total]
+        pos = np.arange(start_pos, start_pos + n, dtype=np.int64)[None, :]
+        outs = cache.output_names()
+        if iobinding:
+            io = sess.io_binding()
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("attention_mask", mask)
+            io.bind_cpu_input("position_ids", pos)
+            for name, v in cache.past_inputs().items():
+                if isinstance(v, np.ndarray):
+                    io.bind_cpu_input(name, v)
+                else:
+                    io.bind_ortvalue_input(name, v)
+            io.bind_output("logits", "cpu")
+            for name in outs:
+                io.bind_output(name, "cpu")
+            sess.run_with_iobinding(io, ro)
+            vals = io.get_outputs()
+            logits = vals[0].numpy()[0]
+            cache.update(dict(zip(outs, vals[1:])), n)
+        else:
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feeds.update({k: (v if isinstance(v, np.ndarray) else v.numpy()) for k, v in cache.past_inputs().items()})
+            vals = sess.run(["logits", *outs], feeds, ro)
+            logits = vals[0][0]
+            cache.update(dict(zip(outs, vals[1:])), n)
+        return logits
+
+    # -- public API ---------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.codec.encode(text)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        *,
+        on_token: OnToken | None = None,
+        context: InferenceContext | None = None,
+        cancel: threading.Event | None = None,
+        baseline: bool = False,
+        policy: Policy | None = None,
+    ) -> GenerationResult:
+        """Generate a continuation of ``prompt`` (text, or token ids incl. BOS).
+
+        Args:
+            config: generation settings (validated); default greedy, 128 tokens.
+            on_token: called as ``on_token(token_id, text_piece)`` for each generated token
+                as soon as it exists; returning ``False`` stops generation ("cancelled").
+                Text that may be the start of a stop string is held back until resolved;
+                held-back text that never became a stop string is flushed at the end with
+                one extra call ``on_token(-1, text)`` (token id -1 = no new token).
+            context: the request context; built from the prompt when None.
+            cancel: set it from another thread to stop generation ("cancelled").
+            baseline: run with no plugins (ORT defaults, full-precision KV cache, no
+                PostRun), the reference every comparison uses.
+            policy: the policy in force for this request (default: the engine's).
+
+        Raises:
+            ContextLengthError: the prompt is longer than the model's context minus one.
+            ValueError: a generation setting is out of range (names the field).
+            Exceptions from onnxruntime propagate after ``on_request_error`` hooks ran.
+        """
+        cfg = (config or GenerationConfig()).validate()
+        ids = self.codec.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty")
+        ctx_len = self.spec.context_length
+        if len(ids) >= ctx_len:
+            raise ContextLengthError(
+                f"prompt has {len(ids)} tokens but the model's context is {ctx_len} tokens "
+                f"(at most {ctx_len - 1} prompt tokens leave room for one generated token)"
+            )
+        if context is None:
+            context = InferenceContext(
+                model=self.spec.name, prompt_tokens=len(ids), max_new_tokens=cfg.max_new_tokens
+            )
+        pm: InferosManager = NoopManager() if baseline else self.pm
+        base = baseline_policy() if baseline else (policy or self.policy)
+        t0 = time.perf_counter()
+        stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline)
+        try:
+            eff = pm.before_request(context, base)
+            stats.policy_name = eff.name
+            if self.backend == "oga":
+                return self._generate_oga(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
+            return self._generate_ort(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
+        except BaseException as e:
+            pm.on_request_error(context, e)
+            raise
+
+    def _finish(self, stats: RunStats, context: InferenceContext, pm: InferosManager, t0: float, t_first: float | None, n_gen: int) -> None:
+        t_end = time.perf_counter()
+        stats.end_time = time.time()
+        stats.generated_tokens = n_gen
+        stats.total_ms = (t_end - t0) * 1e3
+        if t_first is not None:
+            stats.ttft_ms = (t_first - t0) * 1e3
+            stats.decode_ms = (t_end - t_first) * 1e3
+            if n_gen > 1 and t_end > t_first:
+                stats.decode_tps = (n_gen - 1) / (t_end - t_first)
+        stats.peak_rss_bytes = peak_rss_bytes()
+        stats.notes.extend(context.extra.get("notes", []))
+        pm.after_request(context, stats)
+
+    def _generate_ort(self, ids, cfg, policy, context, stats, on_token, cancel, pm, t0) -> GenerationResult:
+        cache = pm.kv_cache(policy, self.spec, context)
+        sess = self.session(cache.graph_file, policy, pm)
+        ro = prime_run_options(pm.run_options(policy, context))
+        iob = policy.io.enable_iobinding
+        stats.provider = sess.get_providers()[0]
+        rng = np.random.default_rng(cfg.seed)
+        max_new = min(cfg.max_new_tokens, self.spec.context_length - len(ids))
+        eos = set(self.spec.eos_token_ids) if cfg.stop_on_eos else set()
+        detok = IncrementalDetokenizer(self.codec, ids)
+        seen = np.array(ids, dtype=np.int64)
+        out_ids: list[int] = []
+        text, emitted = "", 0
+        finish = "length"
+        t_first = None
+
+        t_pre = time.perf_counter()
+        logits = self._run(sess, cache, np.array([ids], dtype=np.int64), 0, ro, iob)
+        stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
+        if len(ids) > 1:
+            lp = log_softmax(logits[:-1])
+            stats.prompt_nll = float(-lp[np.arange(len(ids) - 1), ids[1:]].mean())
+        last = logits[-1]
+        pos = len(ids)
+        step_ids = np.zeros((1, 1), dtype=np.int64)
+        while True:
+            tok = select_token(last, cfg, seen, rng)
+            if tok in eos:
+                finish = "stop"
+                break
+            out_ids.append(tok)
+            seen = np.append(seen, tok)
+            text += detok.add(tok)
+            stop_hit = -1
+            if cfg.stop:
+                for s in cfg.stop:
+                    i = text.find(s, max(0, emitted - len(s)))
+                    if i != -1 and (stop_hit == -1 or i < stop_hit):
+                        stop_hit = i
+            if stop_hit != -1:
+                text = text[:stop_hit]
+            upto = len(text) if stop_hit != -1 else len(text) - _stop_holdback(text, cfg.stop)
+            piece = text[emitted:upto] if upto > emitted else ""
+            emitted = max(emitted, upto)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if on_token is not None and on_token(tok, piece) is False:
+                finish = "cancelled"
+                break
+            if stop_hit != -1:
+                finish = "stop"
+                break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            if len(out_ids) >= max_new:
+                finish = "length"
+                break
+            step_ids[0, 0] = tok
+            last = self._run(sess, cache, step_ids, pos, ro, iob)[-1]
+            pos += 1
+        if on_token is not None and emitted < len(text) and finish != "cancelled":
+            on_token(-1, text[emitted:])  # flush text held back for a stop string that never came
+        stats.kv = cache.stats()
+        stats.finish_reason = finish
+        self._finish(stats, context, pm, t0, t_first, len(out_ids))
+        return GenerationResult(text=text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    def _oga_model(self, policy: Policy) -> object:
+        import onnxruntime_genai as og
+
+        from ..ort_options import genai_overlay
+
+        overlay = json.dumps(genai_overlay(policy, ort.get_available_providers()))
+        with self._lock:
+            model = self._oga_models.get(overlay)
+            if model is None:
+                config = og.Config(str(self.spec.folder))
+                config.overlay(overlay)
+                model = og.Model(config)
+                self._oga_models[overlay] = model
+        return model
+
+    def _generate_oga(self, ids, cfg, policy, context, stats, on_token, cancel, pm, t0) -> GenerationResult:
+        """onnxruntime-genai path: ``og.Generator`` owns the KV cache (no inferos KV store)."""
+        import onnxruntime_genai as og
+
+        model = self._oga_model(policy)
+        params = og.GeneratorParams(model)
+        opts = dict(max_length=min(self.spec.context_length, len(ids) + cfg.max_new_tokens),
+                    do_sample=cfg.temperature > 0, repetition_penalty=cfg.repetition_penalty)
+        if cfg.temperature > 0:
+            opts.update(temperature=cfg.temperature, top_k=cfg.top_k or self.spec.vocab_size, top_p=cfg.top_p)
+            if cfg.seed is not None:
+                opts["random_seed"] = int(cfg.seed)
+        params.set_search_options(**opts)
+        gen = og.Generator(model, params)
+        t_pre = time.perf_counter()
+        gen.append_tokens(ids)
+        stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
+        detok = IncrementalDetokenizer(self.codec, ids)
+        out_ids: list[int] = []
+        text, finish, t_first = "", "length", None
+        eos = set(self.spec.eos_token_ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            if tok in eos:
+                finish = "stop"
+                break
+            out_ids.append(tok)
+            piece = detok.add(tok)
+            text += piece
+            if t_first is None:
+                t_first = time.perf_counter()
+            if on_token is not None and on_token(tok, piece) is False or (cancel is not None and cancel.is_set()):
+                finish = "cancelled"
+                break
+            if any(s in text for s in cfg.stop):
+                text = text[: min(text.find(s) for s in cfg.stop if s in text)]
+                finish = "stop"
+                break
+        stats.backend = "oga"
+        stats.kv = KVStats(tokens=len(ids) + len(out_ids), store="oga", active=False)
+        stats.notes.append("KV store not active: onnxruntime-genai backend owns the KV cache")
+        stats.finish_reason = finish
+        self._finish(stats, context, pm, t0, t_first, len(out_ids))
+        return GenerationResult(text=text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None) -> np.ndarray:
+        """Feed ``ids`` one token at a time through ``cache`` (the real cached decode path).
+
+        Returns:
+            float32 ``[len(ids), vocab]``: row ``i`` is the next-token logits after
+            ``ids[:i+1]``, so row ``i`` scores ``ids[i+1]``.
+
+        Raises:
+            ContextLengthError: more ids than the model's context.
+        """
+        if len(ids) > self.spec.context_length:
+            raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of {self.spec.context_length}")
+        policy = policy or self.policy
+        sess = self.session(cache.graph_file, policy)
+        ro = prime_run_options(ort.RunOptions())
+        out = np.empty((len(ids), self.spec.vocab_size), dtype=np.float32)
+        step = np.zeros((1, 1), dtype=np.int64)
+        for i, t in enumerate(ids):
+            step[0, 0] = t
+            out[i] = self._run(sess, cache, step, i, ro, True)[-1]
+        return out

@@ -1,0 +1,66 @@
+"""Tokenizer access and streaming detokenization for any model folder with ``tokenizer.json``.
+
+Uses the Hugging Face ``tokenizers`` library (the same file onnxruntime-genai and
+``transformers.AutoTokenizer`` read), so the engine is not tied to one tokenizer family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from ..model.spec import DecoderSpec, ModelFolderError
+
+
+class TextCodec:
+    """Encode prompts and decode generated ids for one model folder.
+
+    Raises:
+        ModelFolderError: the folder has no ``tokenizer.json``.
+    """
+
+    def __init__(self, spec: DecoderSpec):
+        path = Path(spec.folder) / "tokenizer.json"
+        if not path.is_file():
+            raise ModelFolderError(f"{str(spec.folder)!r} has no tokenizer.json")
+        self.spec = spec
+        self.tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        """Token ids of ``text``; starts with BOS when ``bos`` (added once, never twice)."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if bos and (not ids or ids[0] != self.spec.bos_token_id):
+            ids = [self.spec.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces that are safe to print.
+
+    The vLLM method: decode a short window twice (with and without the newest tokens) and
+    emit the difference, holding back pieces that end in an incomplete UTF-8 sequence
+    (U+FFFD). Seeding with the prompt's last tokens keeps the first generated token's
+    leading space, which SentencePiece-style decoders strip at the start of a text.
+    """
+
+    def __init__(self, codec: TextCodec, seed_ids: list[int] = ()):  # type: ignore[assignment]
+        self.codec = codec
+        self.ids: list[int] = list(seed_ids)[-6:]
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        """Append one id; return the new printable text (may be empty)."""
+        self.ids.append(token_id)
+        prefix = self.codec.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.codec.decode(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        piece = full[len(prefix) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return piece

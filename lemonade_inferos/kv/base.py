@@ -1,0 +1,136 @@
+"""The KV-cache interface the generation loop drives, and the full-precision store.
+
+The engine never looks inside a cache. Each step it asks the cache which ONNX graph to run
+(:attr:`KVCache.graph_file`), which past inputs to bind (:meth:`KVCache.past_inputs`) and
+which outputs it wants back (:meth:`KVCache.output_names`); after the run it hands those
+outputs to :meth:`KVCache.update`. Attention masks and position ids stay the engine's job:
+the cache only reports how many key positions it presents (:attr:`KVCache.past_length`),
+which may be fewer than the logical sequence length once tokens are evicted.
+
+This mirrors the role of ``transformers.Cache`` / ``QuantizedCache`` (``update()`` returns
+what attention reads), but across an ONNX Runtime graph boundary instead of a Python
+attention call.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Mapping
+
+import numpy as np
+
+from ..model.spec import DecoderSpec
+from ..types import KVStats
+
+
+class KVCache(abc.ABC):
+    """A per-request KV cache for one decoder, batch 1.
+
+    Life cycle: create (empty) → for each model run: ``past_inputs()`` → run → ``update()``.
+    """
+
+    #: file name of the decoder graph this cache feeds, relative to the model folder.
+    graph_file: str = "model.onnx"
+
+    def __init__(self, spec: DecoderSpec):
+        self.spec = spec
+
+    @property
+    @abc.abstractmethod
+    def past_length(self) -> int:
+        """Number of key positions the next run attends to from the cache (int, tokens)."""
+
+    @property
+    @abc.abstractmethod
+    def seq_length(self) -> int:
+        """Logical sequence length so far (tokens), evicted tokens included."""
+
+    @abc.abstractmethod
+    def past_inputs(self) -> Mapping[str, object]:
+        """Graph inputs holding the past, by input name: numpy arrays or ``OrtValue``s."""
+
+    @abc.abstractmethod
+    def output_names(self) -> list[str]:
+        """Names of the graph outputs :meth:`update` needs (besides ``logits``)."""
+
+    @abc.abstractmethod
+    def update(self, outputs: Mapping[str, object], new_tokens: int) -> None:
+        """Consume one run's outputs (numpy arrays or ``OrtValue``s by name).
+
+        Args:
+            outputs: the values of :meth:`output_names`.
+            new_tokens: how many tokens the run appended (prompt length for prefill, 1 for
+                a decode step).
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> KVStats:
+        """Resident bytes by tier and level distribution now."""
+
+    def fp_bytes(self, bytes_per_element: int) -> int:
+        """What the logical sequence would take with every K/V element at this size."""
+        return int(self.spec.kv_bytes_per_token(bytes_per_element) * self.seq_length)
+
+
+def _as_array(v: object) -> np.ndarray:
+    return v if isinstance(v, np.ndarray) else v.numpy()  # OrtValue
+
+
+class FullPrecisionKVCache(KVCache):
+    """Baseline store: the standard graph's ``present.*`` outputs become the next ``past``.
+
+    Each tensor is float32 ``[1, kv_heads, seq, head_dim]``. With IOBinding the present
+    ``OrtValue``s are fed back without a copy; the graph's Concat is the only copy per step,
+    as in every explicit-KV ONNX decoder (onnxruntime-genai with
+    ``past_present_share_buffer=false``).
+    """
+
+    graph_file = "model.onnx"
+
+    def __init__(self, spec: DecoderSpec):
+        super().__init__(spec)
+        s = spec
+        empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), dtype=np.float32)
+        self._past: dict[str, object] = {}
+        for i in range(s.num_layers):
+            self._past[s.past_key_name % i] = empty
+            self._past[s.past_value_name % i] = empty
+        self._out_to_in = {}
+        for i in range(s.num_layers):
+            self._out_to_in[s.present_key_name % i] = s.past_key_name % i
+            self._out_to_in[s.present_value_name % i] = s.past_value_name % i
+        self._len = 0
+
+    @property
+    def past_length(self) -> int:
+        return self._len
+
+    @property
+    def seq_length(self) -> int:
+        return self._len
+
+    def past_inputs(self) -> Mapping[str, object]:
+        return self._past
+
+    def output_names(self) -> list[str]:
+        return list(self._out_to_in)
+
+    def update(self, outputs: Mapping[str, object], new_tokens: int) -> None:
+        for out_name, in_name in self._out_to_in.items():
+            self._past[in_name] = outputs[out_name]
+        self._len += new_tokens
+
+    def stats(self) -> KVStats:
+        fp32 = self.fp_bytes(4)
+        n = self._len * self.spec.num_layers
+        return KVStats(
+            tokens=self._len,
+            total_bytes=fp32,
+            bytes_by_tier={"L0_fp32": fp32},
+            level_distribution={"L0": n, "L1": 0, "L2": 0, "L3": 0},
+            fp16_bytes=self.fp_bytes(2),
+            fp32_bytes=fp32,
+            blocks=0,
+            tokens_evicted=0,
+            store="fp32",
+        )

@@ -1,0 +1,1 @@
+"""Model loading and conversion: llama2.c checkpoints, tokenizers, ONNX decoder export."""

@@ -1,0 +1,37 @@
+"""Shared pytest fixtures (keep minimal; other suites add their own here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "lemonade_inferos" / "data" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories_paths() -> tuple[Path, Path]:
+    """(checkpoint, tokenizer) paths of the packaged llama2.c stories260K model."""
+    return DATA_DIR / "stories260K.bin", DATA_DIR / "tok512.bin"
+
+
+@pytest.fixture(scope="session")
+def embedded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The converted stories260K model folder, built once per session in a temp cache.
+
+    ``INFEROS_CACHE_DIR`` points at the temp cache for the whole session (so code under test
+    calling ``embedded_model_dir()`` reuses this folder) and is restored afterwards.
+    """
+    from lemonade_inferos.model.embedded import embedded_model_dir
+
+    cache = tmp_path_factory.mktemp("inferos_cache")
+    old = os.environ.get("INFEROS_CACHE_DIR")
+    os.environ["INFEROS_CACHE_DIR"] = str(cache)
+    try:
+        yield embedded_model_dir()
+    finally:
+        if old is None:
+            os.environ.pop("INFEROS_CACHE_DIR", None)
+        else:
+            os.environ["INFEROS_CACHE_DIR"] = old
