@@ -88,21 +88,9 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    from .engine import Engine
-    from .plugins import get_plugin_manager
-    from .policy import load_policy
+    from .host import build_engine
 
-    policy = load_policy(args.policy)
-    extra = []
-    try:
-        from .client import agent_plugin_from_env
-
-        plugin = agent_plugin_from_env()
-        if plugin is not None:
-            extra.append(("inferos.agent", plugin))
-    except ImportError:
-        pass
-    return Engine(args.model, pm=get_plugin_manager(extra=extra), policy=policy)
+    return build_engine(args.model, args.policy)
 
 
 def _stats_line(st: Any) -> str:
