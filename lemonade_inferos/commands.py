@@ -171,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"[dim](inferos output matches the baseline for the first {same} words)[/dim]")
     table = Table(title=f"baseline vs inferos: {eng.spec.name}, policy '{eng.policy.name}', {args.max_new_tokens} new tokens")
     for col in ("#", "mode", "TTFT ms", "tok/s", "KV KiB", "KV/fp16", "prompt NLL", "L0/L1/L2/L3"):
-        table.add_column(col, justify="left" if col == "mode" else "right")
+        table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for i, r in enumerate(rows):
         st = r["stats"]
         kv = st.kv

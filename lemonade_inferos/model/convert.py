@@ -27,7 +27,7 @@ from .llama2c import Llama2cWeights, load_llama2c
 from .tokenizer import BOS_ID, EOS_ID, Llama2cTokenizer
 
 #: bump when the produced files change, so cached conversions are rebuilt.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 MANIFEST = "inferos_manifest.json"
 
 ATTRIBUTION = """\
@@ -189,6 +189,10 @@ def convert_llama2c(
         say("building ONNX decoder graph")
         model = build_decoder(weights)
         onnx.save_model(model, str(tmp / "model.onnx"))
+        say("building the tiered-KV decoder graph (model_tiered.onnx)")
+        from ..kv.graph import write_tiered_graph  # kv builds on model.export; import late
+
+        write_tiered_graph(weights, tmp)
         say("writing genai_config.json and tokenizer files")
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(weights), indent=2) + "\n")
         tok.write_hf_files(tmp, weights.config.seq_len)
