@@ -1,0 +1,144 @@
+"""Pydantic models for the agent's HTTP bodies (requests and responses).
+
+``StatsReport`` mirrors :class:`lemonade_inferos.types.RunStats.to_dict()` plus ``instance``
+(which plugin process sent it) and ``dropped`` (reports that process lost to queue overflow
+since its previous successful post). Bounds keep every sum finite and every integer within
+SQLite's 64-bit range; unknown fields are ignored so newer plugins can talk to older agents.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_COUNT = 10**12          # tokens, blocks, dropped reports
+MAX_BYTES = 2**50           # 1 PiB
+MAX_MS = 1e9                # ~11.6 days, in milliseconds
+MAX_UNIX_TIME = 1e11        # year ~5138, UNIX seconds
+
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+Ms = Annotated[float, Field(ge=0, le=MAX_MS)]
+ShortStr = Annotated[str, Field(max_length=256)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class KVStatsIn(_In):
+    """``RunStats.kv`` (:class:`lemonade_inferos.types.KVStats.to_dict()`); sizes in bytes."""
+
+    tokens: Count = 0
+    total_bytes: Bytes = Field(0, description="resident KV storage incl. quantization metadata, bytes")
+    bytes_by_tier: dict[ShortStr, Bytes] = Field(default_factory=dict, max_length=32)
+    level_distribution: dict[ShortStr, Count] = Field(
+        default_factory=dict, max_length=32, description="tokens per level {L0..L3}, summed over layers"
+    )
+    fp16_bytes: Bytes = 0
+    fp32_bytes: Bytes = 0
+    blocks: Count = 0
+    tokens_evicted: Count = 0
+    store: str = Field("fp32", max_length=64)
+    active: bool = True
+    bits_per_element: float | None = Field(None, ge=0, le=1e6)
+    compression_vs_fp16: float | None = Field(None, ge=0, le=1e9)
+    compression_vs_fp32: float | None = Field(None, ge=0, le=1e9)
+    saved_mb_vs_fp16: float | None = Field(None, ge=-1e12, le=1e12)
+
+
+class StatsReport(_In):
+    """``POST /v1/stats`` body: one PostRun report."""
+
+    instance: str = Field(
+        ..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+\-]+$",
+        description="sending plugin instance id (letters, digits, _ . : @ / + -)",
+    )
+    dropped: Count = Field(0, description="reports this instance dropped (queue overflow) since its last post")
+    request_id: str = Field("", max_length=128)
+    model: str = Field("", max_length=1024)
+    start_time: float = Field(..., ge=0, le=MAX_UNIX_TIME, description="request start, UNIX seconds")
+    end_time: float = Field(..., ge=0, le=MAX_UNIX_TIME, description="request end, UNIX seconds")
+    prompt_tokens: Count = 0
+    generated_tokens: Count = 0
+    ttft_ms: Ms | None = Field(None, description="measured time to first token, ms")
+    prefill_ms: Ms = 0.0
+    decode_ms: Ms = 0.0
+    total_ms: Ms = Field(0.0, description="end-to-end request time, ms")
+    decode_tps: float = Field(0.0, ge=0, le=1e9, description="decode tokens/s")
+    peak_rss_bytes: Bytes = Field(0, description="process peak resident set size, bytes")
+    prompt_nll: float | None = Field(None, ge=0, le=100, description="mean prompt NLL, nats/token")
+    finish_reason: str = Field("", max_length=64)
+    kv: KVStatsIn = Field(default_factory=KVStatsIn)
+    baseline: bool = False
+    policy_name: str = Field("", max_length=256)
+    provider: str = Field("", max_length=128)
+    backend: str = Field("", max_length=64)
+    notes: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=64)
+
+    @field_validator("end_time")
+    @classmethod
+    def _after_start(cls, v: float, info: ValidationInfo) -> float:
+        start = info.data.get("start_time")
+        if start is not None and v < start:
+            raise ValueError(f"must not be before start_time ({start}); both are UNIX seconds")
+        return v
+
+
+class BaselineRequest(BaseModel):
+    """``POST /v1/baseline`` body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    enable: bool = Field(..., description="true: plugins pass requests through untouched (baseline policy)")
+
+
+class ErrorDetail(BaseModel):
+    code: int
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: ``{"error": {"code", "message", "details"}}``."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    timestamp: str
+    version: str
+    uptime_seconds: float
+    policy_version: int
+    baseline: bool
+
+
+class PolicyView(BaseModel):
+    version: int = Field(..., description="increases whenever the effective policy changes")
+    baseline: bool = Field(..., description="baseline mode: plugins use the pass-through policy")
+    policy: dict[str, Any] = Field(..., description="the policy in force (kept while baseline mode is on)")
+    effective: dict[str, Any] = Field(..., description="what plugins should apply: baseline policy or `policy`")
+
+
+class ConfigView(BaseModel):
+    config: dict[str, Any]
+    state_dir: str
+
+
+class StatsAccepted(BaseModel):
+    id: int = Field(..., description="history row id")
+    accepted: bool = True
+    duplicate: bool = Field(False, description="this (instance, request_id) was already stored; not counted again")
+
+
+class HistoryItem(BaseModel):
+    id: int
+    received_at: float
+    stats: dict[str, Any]
+
+
+class HistoryView(BaseModel):
+    count: int
+    total_stored: int
+    items: list[HistoryItem]
