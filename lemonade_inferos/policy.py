@@ -167,6 +167,12 @@ class SchedulerPolicy(_Section):
 class QualityPolicy(_Section):
     max_delta_ppl: float = Field(0.5, ge=0.0, le=2.0, description="largest acceptable perplexity increase (absolute)")
     min_accept_rate: float = Field(0.5, ge=0.0, le=1.0, description="lowest acceptable speculative accept rate")
+    max_kld: float = Field(0.05, ge=0.0, le=1.0, description="largest acceptable mean KL divergence (nats/token) vs full precision")
+    guard: bool = Field(
+        False,
+        description="measure each KV setting's ΔPPL/KLD on a calibration text once and step compression "
+        "back until within budget (lemonade_inferos.guard)",
+    )
 
 
 class LoopsPolicy(_Section):

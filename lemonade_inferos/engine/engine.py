@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +37,9 @@ from ..sysinfo import peak_rss_bytes
 from ..types import InferenceContext, KVStats, RunStats
 from .sampling import GenerationConfig, log_softmax, select_token
 from .text import IncrementalDetokenizer, TextCodec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..guard import QualityGuard
 
 log = logging.getLogger("lemonade_inferos.engine")
 
@@ -109,6 +112,8 @@ class Engine:
         self._sessions: dict[tuple, ort.InferenceSession] = {}
         self._oga_models: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._calib: list[int] | None = None
+        self._guard: "QualityGuard | None" = None
         self._mask = np.ones((1, self.spec.context_length + 1), dtype=np.int64)
 
     # -- sessions -----------------------------------------------------------------------
@@ -252,6 +257,10 @@ class Engine:
         stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline)
         try:
             eff = pm.before_request(context, base)
+            if eff.quality.guard and eff.kv.mode != "disabled" and self.backend == "ort":
+                decision = self.quality_guard().decide(eff, context.quality_budget)
+                eff = decision.policy
+                context.extra.setdefault("notes", []).append(decision.note())
             stats.policy_name = eff.name
             if self.backend == "oga":
                 return self._generate_oga(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
@@ -402,6 +411,24 @@ class Engine:
         stats.finish_reason = finish
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    def calibration_ids(self) -> list[int]:
+        """The quality guard's calibration text: the model's own sample from BOS (temperature
+        1.0, seed 0, baseline cache, one context length), generated once per engine."""
+        if self._calib is None:
+            res = self.generate([self.spec.bos_token_id], GenerationConfig(
+                max_new_tokens=self.spec.context_length - 1, temperature=1.0, seed=0, stop_on_eos=False), baseline=True)
+            self._calib = [self.spec.bos_token_id, *res.token_ids]
+        return self._calib
+
+    def quality_guard(self) -> "QualityGuard":
+        """The engine's :class:`~lemonade_inferos.guard.QualityGuard` (created on first use)."""
+        if self._guard is None:
+            from ..guard import QualityGuard
+            from ..quality import evaluate_ids
+
+            self._guard = QualityGuard(lambda pol: evaluate_ids(self, self.calibration_ids(), pol), key=str(self.spec.folder))
+        return self._guard
 
     def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None) -> np.ndarray:
         """Feed ``ids`` one token at a time through ``cache`` (the real cached decode path).
