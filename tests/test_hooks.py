@@ -44,7 +44,7 @@ def test_before_request_folds_in_call_order(ctx):
             return policy.merged({"kv": {"recent_window": policy.kv.recent_window * 2}})
 
     pm = get_plugin_manager(entry_points=False, extra=[("a", Second()), ("b", First())])
-    out = pm.before_request(ctx, load_policy("default"))
+    out = pm.before_request(ctx, load_policy("default").merged({"kv": {"recent_window": 64}}))
     assert calls == [("first", 64), ("second", 32)]
     assert out.kv.recent_window == 64  # 32 * 2
 
