@@ -26,5 +26,13 @@ echo ">> installing lemonade-inferos with the test extra"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 
+# The Lemonade 9.1.4 integration tests need a separate environment with Lemonade installed
+# from source (see README). Use ../lemonade-venv when it exists; otherwise they skip.
+if [ -z "${INFEROS_LEMONADE_PYTHON:-}" ] && [ -x ../lemonade-venv/bin/python ] \
+   && ../lemonade-venv/bin/python -c "import lemonade, lemonade_inferos" 2>/dev/null; then
+  export INFEROS_LEMONADE_PYTHON="$(cd .. && pwd)/lemonade-venv/bin/python"
+  echo ">> Lemonade integration tests will use $INFEROS_LEMONADE_PYTHON"
+fi
+
 echo ">> running the tests"
 exec .venv/bin/python -m pytest "$@"
