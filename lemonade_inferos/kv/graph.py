@@ -2,32 +2,57 @@
 
 Built with :func:`lemonade_inferos.model.export.build_decoder` and :class:`TieredKVAdapter`
 (no transformer code here). Batch size 1. Notation: L layers, KV kv heads, D head_dim,
-E = KV * D, N0/N1/N2 tokens held at L0/L1/L2, P = N0 + N1 + N2, S new tokens, T = P + S.
+E = KV * D, N0/N1/N2 tokens held at L0/L1/L2, P = N0 + N1 + N2, S new tokens, T = P + S,
+g the group size of a kind (``GraphLayout.key_group`` / ``value_group``).
 Tier decisions are shared by all layers and heads, so every tier stacks the layers.
 
 Inputs (besides ``input_ids``, ``attention_mask`` int64 ``[1, T]`` all ones,
 ``position_ids`` int64 ``[1, S]`` logical positions):
 
-=====================  ========  ==================  =====================================
-name                   dtype     shape               meaning
-=====================  ========  ==================  =====================================
-kv.l0.key / .value     float16   [N0, L, E]          L0 tokens, token-major (so appending
-                                                     a token is one contiguous row)
-kv.l1.key / .value     uint8     [L, N1, E]          INT8 codes
-kv.l1.key_scale        float16   [L, N1/kg, E]       per-channel keys, groups of kg tokens
-                                 or [L, N1, E/kg]    (per-token keys, ``key_axis="token"``)
-kv.l1.key_zero         uint8     as key_scale
-kv.l1.value_scale      float16   [L, N1, E/vg]       per-token values, groups of vg channels
-kv.l1.value_zero       uint8     as value_scale
-kv.l2.*                uint4     as kv.l1.* (codes and zero points two per byte; scales fp16)
-=====================  ========  ==================  =====================================
+=====================  ========  =====================  ==================================
+name                   dtype     shape                  meaning
+=====================  ========  =====================  ==================================
+kv.l0.key / .value     float16   [N0, L, E]             L0 tokens, token-major (appending
+                                                        a token is one contiguous row)
+kv.l1.{kind}           uint8     [L, KV, N1, D]         INT8 codes, head-major
+                                 or [L, N1, E]          (token-major: per-token groups
+                                                        wider than a head, g > D)
+kv.l1.{kind}_scale     float16   [L, KV, N1/g, D]       per-channel keys (KIVI), groups of
+                                                        g tokens
+                                 or [L, KV, N1, D/g]    per-token groups of g <= D channels
+                                 or [L, N1, E/g]        per-token groups of g > D channels
+                                                        (whole heads; token-major codes)
+kv.l1.{kind}_zero      uint8     as the scale
+kv.l2.{kind}           uint8     [n/2]                  INT4 codes, n = L*N2*E, laid out
+                                                        like kv.l1.{kind}, flattened, two
+                                                        per byte "split-half": byte i
+                                                        holds code i (low nibble) and code
+                                                        i + n/2 (high nibble)
+kv.l2.{kind}_scale     float16   as kv.l1.{kind}_scale (N2 for N1)
+kv.l2.{kind}_zero      uint8     [m/2]                  uint4 zero points of the m scales,
+                                                        flattened, split-half like codes
+=====================  ========  =====================  ==================================
 
-In-graph, per K and V: ``Transpose`` the L0 rows to ``[L, N0, E]``, ``DequantizeLinear``
-(opset 21, blocked, fp16 scales -> fp16) each quantized tier, ``Concat`` the tiers on the
-token axis, ``Cast`` to float32, ``Reshape``/``Transpose`` to ``[L, KV, P, D]``, ``Split``
-into the per-layer past the builder concatenates with the step's K/V. Key order does not
-matter for attention once RoPE is applied, so the tiers need not be in token order. That is
-8 nodes per K/V and 3 for the outputs, whatever the number of layers.
+(``kind`` is ``key`` or ``value``; n and m are always even because N2 is a multiple of
+the even block length and D is even.) Which grouping a kind uses is
+:meth:`GraphLayout.grouping`; the store writes exactly these layouts.
+
+In-graph (per kind), everything stays stacked over layers until one ``Split`` per tier:
+
+* L0: ``Cast`` to float32, ``Reshape``/``Transpose`` to ``[L, KV, N0, D]``;
+* L1/L2: ``Cast`` the float16 scales to float32, for L2 unpack the nibbles
+  (``BitwiseAnd``/``BitShift``/``Concat`` of the two halves: the split-half packing makes
+  the unpacked bytes the codes in order), then one uint8 ``DequantizeLinear`` to float32:
+  blocked (axis 2, ``block_size`` g) for per-channel keys, per-axis over ``[n/g, g]`` rows
+  for per-token groups (onnxruntime's fast paths: a uint4 or float16-scale or innermost-
+  axis blocked ``DequantizeLinear`` is 5-40x slower on CPU);
+* ``Split`` every tier into L layers; layer i's past is the tiers in order, and the
+  decoder's ``Concat(past, new)`` takes them directly: ``Concat(l0_i, l1_i, l2_i, new_i)``
+  (nested Concats are flattened after building, so the float32 past is written once by the
+  dequantization and copied once by that Concat, as in the full-precision graph).
+
+Key order does not matter for attention once RoPE is applied, so the tiers need not be in
+token order. P is ``attention_mask`` length minus S.
 
 Outputs: ``logits`` float32 ``[1, S, vocab]``; ``kv.new`` float32 ``[2L, KV, S, D]`` this
 step's keys (rows 0..L-1, after RoPE) and values (rows L..2L-1) only; ``kv.attn_mass``
@@ -38,7 +63,9 @@ summed over layers, query heads and the S queries (H2O importance).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -49,13 +76,16 @@ from ..model.export import GraphBuilder, build_decoder
 FLOAT16 = TensorProto.FLOAT16
 FLOAT = TensorProto.FLOAT
 UINT8 = TensorProto.UINT8
-UINT4 = TensorProto.UINT4
 
 TIERED_FILE = "model_tiered.onnx"
 NEW_KV = "kv.new"
 ATTN_MASS = "kv.attn_mass"
-TIER_DTYPES = {1: UINT8, 2: UINT4}
+#: bits per code of the quantized levels.
+LEVEL_BITS = {1: 8, 2: 4}
 KINDS = ("key", "value")
+#: node-name prefix of everything :meth:`TieredKVAdapter.declare_inputs` builds (the part
+#: :func:`ensure_graph` swaps for another layout).
+_IN = "kv/in"
 
 
 def input_names(level: int, kind: str) -> tuple[str, str, str]:
@@ -68,38 +98,65 @@ def l0_name(kind: str) -> str:
     return f"kv.l0.{kind}"
 
 
+def _tier_out(kind: str, level: int) -> str:
+    return f"{_IN}/{kind}/l{level}"
+
+
 @dataclass
 class GraphLayout:
-    """The block sizes baked into a tiered graph (``DequantizeLinear`` attributes).
+    """The group sizes baked into a tiered graph.
 
     Attributes:
-        key_axis: ``"channel"`` (KIVI: per-channel groups along tokens, blocked axis 1) or
-            ``"token"`` (groups along channels, blocked axis 2, llama.cpp-like).
+        key_axis: ``"channel"`` (KIVI: per-channel groups of ``key_group`` tokens) or
+            ``"token"`` (per-token groups of ``key_group`` channels, llama.cpp-like).
         key_group: tokens per key group (channel) or channels per key group (token).
         value_group: channels per value group (values are always per-token).
+        levels: the quantized tiers the graph reads: ``(2,)`` (INT4 only, what the
+            ``default`` preset uses), ``(1,)``, ``(1, 2)`` or ``()``; inputs of absent
+            tiers do not exist (every tier costs ~8 nodes per run even when empty).
     """
 
     key_axis: str = "channel"
     key_group: int = 32
     value_group: int = 32
+    levels: tuple[int, ...] = (2,)
 
     def __post_init__(self) -> None:
+        self.levels = tuple(sorted(set(int(v) for v in self.levels)))
+        if not set(self.levels) <= {1, 2}:
+            raise ValueError(f"levels must be a subset of (1, 2), got {self.levels}")
         if self.key_axis not in ("channel", "token"):
             raise ValueError(f"key_axis must be 'channel' or 'token', got {self.key_axis!r}")
         if self.key_group < 1 or self.value_group < 1:
             raise ValueError("key_group and value_group must be >= 1")
 
-    def dq(self, kind: str) -> tuple[int, int]:
-        """(axis, block_size) of the DequantizeLinear over ``[L, N, E]`` codes."""
+    def grouping(self, kind: str, head_dim: int) -> tuple[str, int]:
+        """``(mode, g)`` of ``kind``: mode ``"channel"`` (groups of g tokens per channel,
+        head-major codes), ``"head"`` (per-token groups of g channels inside a head,
+        head-major codes) or ``"row"`` (per-token groups of g > head_dim channels
+        spanning g/head_dim whole heads, token-major codes)."""
         if kind == "key" and self.key_axis == "channel":
-            return 1, self.key_group
-        return 2, (self.key_group if kind == "key" else self.value_group)
+            return "channel", self.key_group
+        g = self.key_group if kind == "key" else self.value_group
+        return ("head" if g <= head_dim else "row"), g
+
+    def check(self, kv_heads: int, head_dim: int) -> None:
+        """Raises ValueError if a group does not fit the model's heads."""
+        E = kv_heads * head_dim
+        for kind in KINDS:
+            mode, g = self.grouping(kind, head_dim)
+            if mode == "head" and head_dim % g:
+                raise ValueError(f"{kind} group {g} must divide head_dim {head_dim}")
+            if mode == "row" and (g % head_dim or E % g):
+                raise ValueError(f"{kind} group {g} must be a multiple of head_dim {head_dim} "
+                                 f"dividing kv_heads*head_dim = {E}")
 
     def file_name(self) -> str:
         """``model_tiered.onnx`` for the default layout, else a tagged variant."""
         if self == GraphLayout():
             return TIERED_FILE
-        return f"model_tiered.k{self.key_axis[0]}{self.key_group}v{self.value_group}.onnx"
+        lv = "".join(str(v) for v in self.levels) or "0"
+        return f"model_tiered.k{self.key_axis[0]}{self.key_group}v{self.value_group}l{lv}.onnx"
 
 
 @dataclass
@@ -107,46 +164,81 @@ class TieredKVAdapter:
     """:class:`~lemonade_inferos.model.export.KVGraphAdapter` for the tiered store (batch 1)."""
 
     layout: GraphLayout = field(default_factory=GraphLayout)
-    _past: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False)
+    _past: dict[str, list[list[str]]] = field(default_factory=dict, init=False, repr=False)
     _new: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False)
     _probs: list[str] = field(default_factory=list, init=False, repr=False)
     _past_len: str = field(default="", init=False, repr=False)
+    _nib: tuple = field(default=(), init=False, repr=False)
 
     def declare_inputs(self, b: GraphBuilder) -> None:
         c = b.config
         L, KV, D = c.n_layers, c.n_kv_heads, c.head_size
         E = KV * D
-        for kind in KINDS:
-            axis, block = self.layout.dq(kind)
-            if E % (block if axis == 2 else 1):
-                raise ValueError(f"{kind} group {block} does not divide kv_heads*head_dim = {E}")
+        self.layout.check(KV, D)
         self._past, self._new, self._probs = {}, {k: [] for k in KINDS}, []
+        i64 = b.const_i64
+        self._nib = (b.initializer("kv_nibble_mask", np.array(15, np.uint8)),
+                     b.initializer("kv_nibble_shift", np.array(4, np.uint8)))
         for kind in KINDS:
+            mode, g = self.layout.grouping(kind, D)
+            pre = f"{_IN}/{kind}"
             l0 = b.add_input(l0_name(kind), FLOAT16, ["kv_l0_len", L, E])
-            parts = [b.node("Transpose", [l0], f"kv/l0/{kind}_lne", perm=[1, 0, 2])]
-            axis, block = self.layout.dq(kind)
-            for level, dt in TIER_DTYPES.items():
+            x = b.node("Cast", [l0], f"{pre}/l0_f32", to=FLOAT)
+            x = b.node("Reshape", [x, i64([0, L, KV, D], "kv_l0_4d")], f"{pre}/l0_nlkd")
+            tiers = [b.node("Transpose", [x], f"{pre}/l0_lknd", perm=[1, 2, 0, 3])]
+            for level in self.layout.levels:
                 qn, sn, zn = input_names(level, kind)
                 n = f"kv_l{level}_len"
-                meta = [L, f"kv_l{level}_groups" if axis == 1 else n,
-                        E if axis == 1 else E // block]
-                b.add_input(qn, dt, [L, n, E])
-                b.add_input(sn, FLOAT16, meta)
-                b.add_input(zn, dt, meta)
-                parts.append(b.node("DequantizeLinear", [qn, sn, zn], f"kv/l{level}/{kind}_dq",
-                                    axis=axis, block_size=block))
-            cat = b.node("Concat", parts, f"kv/{kind}_lpe16", axis=1)  # [L, P, E] fp16
-            if kind == "key":
-                self._past_len = b.node("Shape", [cat], "past_len_1d", start=1, end=2)
-            f32 = b.node("Cast", [cat], f"kv/{kind}_lpe", to=FLOAT)
-            r = b.node("Reshape", [f32, b.const_i64([L, -1, KV, D], "kv_lpkd_shape")], f"kv/{kind}_lpkd")
-            t = b.node("Transpose", [r], f"kv/{kind}_lkpd", perm=[0, 2, 1, 3])
-            outs = b.node("Split", [t, b.const_i64([1] * L, "kv_split_layers")], f"kv/{kind}_past",
-                          num_outputs=L, axis=0)
-            self._past[kind] = outs if isinstance(outs, list) else [outs]
+                if mode == "channel":
+                    shape, meta = [L, KV, n, D], [L, KV, f"kv_l{level}_groups", D]
+                elif mode == "head":
+                    shape, meta = [L, KV, n, D], [L, KV, n, D // g]
+                else:
+                    shape, meta = [L, n, E], [L, n, E // g]
+                p = f"{pre}/l{level}"
+                s = b.node("Cast", [b.add_input(sn, FLOAT16, meta)], f"{p}/scale_f32", to=FLOAT)
+                if level == 1:
+                    q = b.add_input(qn, UINT8, shape)
+                    z = b.add_input(zn, UINT8, meta)
+                else:  # split-half packed nibbles -> the codes in order (flat)
+                    q = self._unpack(b, b.add_input(qn, UINT8, [f"kv_l2_{kind}_bytes"]), f"{p}/codes")
+                    z = self._unpack(b, b.add_input(zn, UINT8, [f"kv_l2_{kind}_zero_bytes"]), f"{p}/zero")
+                if mode == "channel":
+                    if level == 2:
+                        q = b.node("Reshape", [q, i64([L, KV, -1, D], "kv_lknd")], f"{p}/codes_lknd")
+                        z = b.node("Reshape", [z, i64([L, KV, -1, D], "kv_lknd")], f"{p}/zero_lknd")
+                    x = b.node("DequantizeLinear", [q, s, z], f"{p}/dq", axis=2, block_size=g)
+                else:
+                    q = b.node("Reshape", [q, i64([-1, g], f"kv_rows{g}")], f"{p}/codes_rows")
+                    s = b.node("Reshape", [s, i64([-1], "kv_flat")], f"{p}/scale_flat")
+                    if level == 1:
+                        z = b.node("Reshape", [z, i64([-1], "kv_flat")], f"{p}/zero_flat")
+                    x = b.node("DequantizeLinear", [q, s, z], f"{p}/dq", axis=0)
+                    if mode == "head":
+                        x = b.node("Reshape", [x, i64([L, KV, -1, D], "kv_lknd")], f"{p}/lknd")
+                    else:
+                        x = b.node("Reshape", [x, i64([L, -1, KV, D], "kv_lnkd")], f"{p}/lnkd")
+                        x = b.node("Transpose", [x], f"{p}/lknd", perm=[0, 2, 1, 3])
+                tiers.append(x)
+            outs = []
+            for level, t in zip((0,) + self.layout.levels, tiers):
+                o = b.node("Split", [t, i64([1] * L, "kv_split_layers")], _tier_out(kind, level),
+                           num_outputs=L, axis=0)
+                outs.append(o if isinstance(o, list) else [o])
+            self._past[kind] = [[o[i] for o in outs] for i in range(L)]
+        mlen = b.node("Shape", ["attention_mask"], f"{_IN}/total_len", start=1, end=2)
+        slen = b.node("Shape", ["input_ids"], f"{_IN}/new_len", start=1, end=2)
+        self._past_len = b.node("Sub", [mlen, slen], f"{_IN}/past_len_1d")
+
+    def _unpack(self, b: GraphBuilder, packed: str, hint: str) -> str:
+        lo = b.node("BitwiseAnd", [packed, self._nib[0]], f"{hint}_lo")
+        hi = b.node("BitShift", [packed, self._nib[1]], f"{hint}_hi", direction="RIGHT")
+        return b.node("Concat", [lo, hi], f"{hint}_u8", axis=0)
 
     def past_kv(self, b: GraphBuilder, layer: int) -> tuple[str, str]:
-        return self._past["key"][layer], self._past["value"][layer]
+        # flattened into the decoder's Concat(past, new) by _flatten_concats
+        return tuple(b.node("Concat", self._past[kind][layer], f"{_IN}/past_{kind}_{layer}", axis=2)
+                     for kind in KINDS)
 
     def past_length(self, b: GraphBuilder) -> str:
         return self._past_len
@@ -173,9 +265,50 @@ class TieredKVAdapter:
         b.add_output(b.rename(mass, ATTN_MASS), FLOAT, ["total_sequence_length"])
 
 
+def _flatten_concats(graph: onnx.GraphProto) -> None:
+    """``Concat(Concat(a, b, ..), x)`` -> ``Concat(a, b, .., x)`` when the inner Concat has
+    the same axis and no other consumer (one float32 copy instead of two)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    outputs = {o.name for o in graph.output}
+
+    def axis(n):
+        return next(a.i for a in n.attribute if a.name == "axis")
+
+    drop = set()
+    for n in graph.node:
+        if n.op_type != "Concat":
+            continue
+        new_inputs, changed = [], False
+        for i in n.input:
+            m = producer.get(i)
+            if (m is not None and m.op_type == "Concat" and axis(m) == axis(n) and uses.get(i) == 1
+                    and i not in outputs):
+                new_inputs.extend(m.input)
+                drop.add(id(m))
+                changed = True
+            else:
+                new_inputs.append(i)
+        if changed:
+            del n.input[:]
+            n.input.extend(new_inputs)
+    keep = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
 def build_tiered_decoder(weights, layout: GraphLayout | None = None, **kw) -> onnx.ModelProto:
     """The tiered decoder ``ModelProto`` for llama2.c ``weights`` (see module docstring)."""
-    return build_decoder(weights, TieredKVAdapter(layout or GraphLayout()), name="llama2c_decoder_tiered", **kw)
+    check = kw.pop("check", True)
+    m = build_decoder(weights, TieredKVAdapter(layout or GraphLayout()), name="llama2c_decoder_tiered",
+                      check=False, **kw)
+    _flatten_concats(m.graph)
+    if check:
+        onnx.checker.check_model(m, full_check=True)
+    return m
 
 
 def write_tiered_graph(weights_or_checkpoint, out_dir: str | Path,
@@ -217,13 +350,30 @@ def write_tiered_graph(weights_or_checkpoint, out_dir: str | Path,
     return paths
 
 
+def _dims(m: onnx.ModelProto) -> tuple[int, int, int]:
+    """(L, KV, D) of a tiered graph, read from its kv.l0.key input and a Reshape constant."""
+    for inp in m.graph.input:
+        if inp.name == l0_name("key"):
+            d = inp.type.tensor_type.shape.dim
+            L, E = int(d[1].dim_value), int(d[2].dim_value)
+            break
+    else:
+        raise ValueError("not a tiered graph: no kv.l0.key input")
+    for t in m.graph.initializer:
+        if t.name.startswith("kv_l0_4d"):
+            v = onnx.numpy_helper.to_array(t).tolist()
+            return L, int(v[2]), int(v[3])
+    raise ValueError("tiered graph of an older converter (no kv_l0_4d); re-convert the model")
+
+
 def ensure_graph(folder: str | Path, layout: GraphLayout) -> Path:
     """Path of the tiered graph for ``layout`` in ``folder``; a missing variant is derived
-    from ``model_tiered.onnx`` by rewriting the ``DequantizeLinear`` axis/block_size
-    attributes (the only thing that differs) and cached next to it.
+    from ``model_tiered.onnx`` by rebuilding only the adapter's input stage (the nodes
+    named ``kv/in/...``, whose per-layer outputs keep their names) and cached next to it.
 
     Raises:
         FileNotFoundError: ``folder`` has no ``model_tiered.onnx``.
+        ValueError: the layout's groups do not fit the model's heads.
     """
     folder = Path(folder)
     p = folder / layout.file_name()
@@ -233,51 +383,45 @@ def ensure_graph(folder: str | Path, layout: GraphLayout) -> Path:
     if not base.is_file():
         raise FileNotFoundError(f"{folder} has no {TIERED_FILE}")
     m = onnx.load(str(base))
-    for n in m.graph.node:
-        if n.op_type != "DequantizeLinear" or not n.output[0].startswith("kv/l"):
+    L, KV, D = _dims(m)
+    g = m.graph
+    keep = [n for n in g.node if not n.name.startswith(f"/{_IN}/")]
+    used = {x for n in keep for x in n.input}
+    b = GraphBuilder(SimpleNamespace(n_layers=L, n_kv_heads=KV, head_size=D), "adapter")
+    b._names.update(n.name for n in keep)
+    b._names.update(o for n in keep for o in n.output)
+    b._names.update(t.name for t in g.initializer if t.name in used)
+    b._names.update(i.name for i in g.input if not i.name.startswith("kv.l"))
+    ad = TieredKVAdapter(layout)
+    ad.declare_inputs(b)
+    tier_out = re.compile(rf"^{_IN}/(key|value)/l\d(?:_(\d+))?$")
+    for n in keep:  # the decoder's Concat(past tiers..., new): swap in the new tiers
+        hits = [tier_out.match(x) for x in n.input]
+        if not any(hits):
             continue
-        kind = "key" if "/key_dq" in n.output[0] else "value"
-        axis, block = layout.dq(kind)
-        for a in n.attribute:
-            if a.name == "axis":
-                a.i = axis
-            elif a.name == "block_size":
-                a.i = block
-    for inp in m.graph.input:  # metadata dims of the rewritten tiers
-        if inp.name.startswith("kv.l") and inp.name.endswith(("_scale", "_zero")):
-            kind = "key" if ".key_" in inp.name else "value"
-            axis, block = layout.dq(kind)
-            dims = inp.type.tensor_type.shape.dim
-            level = inp.name[4]
-            if axis == 1:
-                dims[1].dim_param, dims[2].dim_value = f"kv_l{level}_groups", dims[2].dim_value or 0
-                dims[2].ClearField("dim_param")
-                e = _e_from(m)
-                dims[2].dim_value = e
-            else:
-                dims[1].dim_param = f"kv_l{level}_len"
-                dims[2].dim_value = _e_from(m) // block
+        first = next(h for h in hits if h)
+        kind, layer = first.group(1), int(first.group(2) or 0)
+        k = hits.index(first)
+        rest = [x for x, h in zip(n.input, hits) if not h]
+        del n.input[:]
+        n.input.extend(rest[:k] + ad._past[kind][layer] + rest[k:])
+    del g.node[:]
+    g.node.extend(b.nodes + keep)  # the adapter stage only reads graph inputs
+    inputs = [i for i in g.input if not i.name.startswith("kv.l")]
+    pos = [k for k, i in enumerate(g.input) if i.name.startswith("kv.l")][0]
+    del g.input[:]
+    g.input.extend(inputs[:pos] + b.inputs + inputs[pos:])
+    inits = [t for t in g.initializer if t.name in used] + b.initializers
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    onnx.checker.check_model(m, full_check=True)
     tmp = p.with_suffix(".onnx.tmp")
     onnx.save_model(m, str(tmp))
     tmp.replace(p)
     return p
 
 
-def _e_from(m: onnx.ModelProto) -> int:
-    for inp in m.graph.input:
-        if inp.name == "kv.l0.key":
-            return int(inp.type.tensor_type.shape.dim[2].dim_value)
-    raise ValueError("not a tiered graph: no kv.l0.key input")  # pragma: no cover
-
-
-def np_dtype_size(level: int) -> float:
-    """Bytes per stored code at a level (0: fp16 = 2, 1: INT8 = 1, 2: INT4 = 0.5)."""
-    return {0: 2.0, 1: 1.0, 2: 0.5}[level]
-
-
 __all__ = [
-    "ATTN_MASS", "NEW_KV", "TIERED_FILE", "GraphLayout", "TieredKVAdapter",
+    "ATTN_MASS", "LEVEL_BITS", "NEW_KV", "TIERED_FILE", "GraphLayout", "TieredKVAdapter",
     "build_tiered_decoder", "ensure_graph", "input_names", "l0_name", "write_tiered_graph",
 ]
-
-_ = np  # numpy kept for callers doing dtype math alongside this module

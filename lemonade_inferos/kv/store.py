@@ -19,13 +19,16 @@ not counted; the per-token importance array, 8 bytes/token, is bookkeeping, not 
 
 * L0: ``kv.l0.key`` / ``kv.l0.value`` float16 ``[N0, L, E]`` (E = kv_heads*head_dim),
   2 bytes/element.
-* L1: codes uint8 ``[L, N1, E]``; keys per-channel (KIVI) groups of ``key_group`` tokens:
-  scale float16 + zero uint8 ``[L, N1/key_group, E]``; values per-token, groups of
-  ``value_group`` channels spanning all KV heads of a layer: scale float16 + zero uint8
-  ``[L, N1, E/value_group]``. Bytes/element = 1 + 3/group (8.75 bits at group 32).
-* L2: the same with uint4 codes and uint4 zero points, two per byte (ONNX uint4 order,
-  low nibble first): 0.5 + 2.5/group bytes (4.625 bits at group 32); held in
-  ``OrtValue``s of ONNX type uint4 (numpy has no 4-bit type).
+* L1: codes uint8; keys per-channel (KIVI) groups of ``key_group`` tokens, values
+  per-token groups of ``value_group`` channels; one float16 scale + one uint8 zero point
+  per group. Bytes/element = 1 + 3/group (8.75 bits at group 32).
+* L2: the same with 4-bit codes and 4-bit zero points, two per byte: 0.5 + 2.5/group
+  bytes (4.625 bits at group 32).
+
+Array layouts (head-major ``[L, KV, N, D]`` codes, split-half INT4 packing) are those of
+the graph inputs, documented in :mod:`lemonade_inferos.kv.graph`; the store holds exactly
+those numpy arrays (no other copy) and binds them as they are. Only the levels a
+configuration can assign (:attr:`StoreConfig.levels`) exist as graph inputs.
 
 Configurations beyond the policy (baselines for benchmarks) are :class:`StoreConfig`\\ s;
 :func:`store_for_scheme` builds the named ones (``fp16``, ``q8_0``, ``q4_0``,
@@ -34,7 +37,6 @@ Configurations beyond the policy (baselines for benchmarks) are :class:`StoreCon
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -43,12 +45,11 @@ import numpy as np
 from ..model.spec import DecoderSpec
 from ..types import KVStats
 from .base import KVCache
-from .graph import ATTN_MASS, NEW_KV, GraphLayout, ensure_graph, input_names, l0_name
+from .graph import ATTN_MASS, LEVEL_BITS, NEW_KV, GraphLayout, ensure_graph, input_names, l0_name
 from .importance import block_mass, block_mass_mean, fallback_scores
-from .quantize import pack_int4, quantize, stored_nbytes, unpack_int4
+from .quantize import dequantize, quantize, stored_nbytes
 from .tiers import MODES, assign_levels
 
-LEVEL_BITS = {1: 8, 2: 4}
 IMPORTANCE = ("h2o_mean", "h2o", "recency_norm", "none")
 TIER_NAMES = {0: "L0_fp16", 1: "L1_int8", 2: "L2_int4"}
 
@@ -110,11 +111,26 @@ class StoreConfig:
             raise ValueError(f"uniform_level must be None, 1 or 2, got {self.uniform_level}")
         if self.sink_tokens < 0 or self.recent_window < 0:
             raise ValueError("sink_tokens and recent_window must be >= 0")
-        GraphLayout(self.key_axis, self.key_group, self.value_group)
+        GraphLayout(self.key_axis, self.key_group, self.value_group).check(spec.num_kv_heads, spec.head_dim)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The quantized levels (1 INT8, 2 INT4) this configuration can ever assign
+        (conservative: with a budget, both); the graph has inputs for these only."""
+        if self.mode == "disabled":
+            return ()
+        t1, t2, t3 = self.thresholds
+        budget = self.budget_bytes is not None
+        if self.uniform_level is not None:
+            return (1, 2) if budget else (self.uniform_level,)
+        q = self.mode == "quality_optimized"
+        l1 = q or budget or t1 < t2
+        l2 = not q and (budget or t2 < t3)
+        return tuple(v for v, on in ((1, l1), (2, l2)) if on)
 
     @property
     def layout(self) -> GraphLayout:
-        return GraphLayout(self.key_axis, self.key_group, self.value_group)
+        return GraphLayout(self.key_axis, self.key_group, self.value_group, self.levels)
 
     @classmethod
     def from_policy(cls, policy, **overrides) -> "StoreConfig":
@@ -174,37 +190,34 @@ def _as_array(v: object) -> np.ndarray:
     return v if isinstance(v, np.ndarray) else v.numpy()
 
 
-def _ort_uint4(packed: np.ndarray, shape: list[int]):
-    """An ``OrtValue`` of ONNX type uint4 and ``shape`` holding ``packed`` bytes, plus a
-    uint8 numpy view of its memory (no second copy is kept)."""
-    import onnxruntime as ort
-    from onnx import TensorProto
+def pack_half(x: np.ndarray) -> np.ndarray:
+    """Split-half INT4 packing of uint8 values in ``[0, 16)`` (even count): flat byte ``i``
+    holds value ``i`` in the low nibble and value ``i + n/2`` in the high nibble, so the
+    graph unpacks with one ``BitwiseAnd``, one ``BitShift`` and a ``Concat`` of the halves.
+    Returns a 1-D uint8 array of ``n/2`` bytes."""
+    f = np.ascontiguousarray(x, dtype=np.uint8).reshape(-1)
+    h = f.size // 2
+    return f[:h] | (f[h:] << 4)
 
-    ov = ort.OrtValue.ortvalue_from_shape_and_type(shape, TensorProto.UINT4, "cpu", 0)
-    n = packed.size
-    if n == 0:
-        return ov, np.zeros(packed.shape, np.uint8)
-    view = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(ov.data_ptr())).reshape(packed.shape)
-    view[...] = packed
-    return ov, view
+
+def unpack_half(p: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_half` (1-D uint8, twice as many values)."""
+    p = np.asarray(p, dtype=np.uint8).reshape(-1)
+    return np.concatenate([p & 0x0F, p >> 4])
 
 
 class _Tier:
-    """One quantized tier: per-kind stacked arrays whose axis 1 is block-major.
+    """One quantized tier (level 1 INT8 or 2 INT4): per kind, the three graph inputs in
+    the layout of :mod:`lemonade_inferos.kv.graph` (``codes``, ``scale``, ``zero``; codes
+    and zero points split-half packed at INT4); ``blocks`` the block ids in slot order
+    (slot ``s`` = tier tokens ``s*block_len ... (s+1)*block_len - 1``)."""
 
-    ``codes[kind]`` uint8 ``[L, N*E*bits/8]``, ``scale[kind]`` float16 ``[L, G]``,
-    ``zero[kind]`` uint8 ``[L, G*bits/8]`` (packed for INT4); ``blocks`` the block ids in
-    slot order.
-    """
-
-    def __init__(self, level: int, L: int):
-        self.level, self.bits, self.L = level, LEVEL_BITS[level], L
+    def __init__(self, level: int):
+        self.level, self.bits = level, LEVEL_BITS[level]
         self.blocks: list[int] = []
-        e = np.zeros((L, 0), np.uint8)
-        self.codes = {k: e for k in ("key", "value")}
-        self.scale = {k: np.zeros((L, 0), np.float16) for k in ("key", "value")}
-        self.zero = {k: e for k in ("key", "value")}
-        self.ort: dict[str, object] = {}
+        self.codes: dict[str, np.ndarray] = {}
+        self.scale: dict[str, np.ndarray] = {}
+        self.zero: dict[str, np.ndarray] = {}
 
     def nbytes(self) -> int:
         return int(sum(a.nbytes for d in (self.codes, self.scale, self.zero) for a in d.values()))
@@ -245,7 +258,11 @@ class TieredKVCache(KVCache):
         self._knorm = np.zeros(0, np.float64)
         self._evicted_tokens = 0
         self._alloc_l0(c.sink_tokens + c.recent_window + 2 * c.block_len)
-        self._tiers = {1: _Tier(1, self.L), 2: _Tier(2, self.L)}
+        self._modes = {k: c.layout.grouping(k, self.D) for k in ("key", "value")}
+        self._tiers = {1: _Tier(1), 2: _Tier(2)}
+        for t in self._tiers.values():
+            for k in ("key", "value"):
+                t.codes[k], t.scale[k], t.zero[k] = self._to_graph(k, *self._empty_canonical(k), t.bits)
         self._q_tok = np.zeros(0, np.int64)  # logical position per quantized slot (L1 then L2)
         self._acc_q = np.zeros(0, np.float32)
         self._tier_inputs: dict[str, object] = {}
@@ -393,89 +410,118 @@ class TieredKVCache(KVCache):
         fixed_tokens = min(self._seq, c.sink_tokens) + max(0, self._seq - c.sink_tokens - self._formed * c.block_len)
         return fixed_tokens * self.row_bytes
 
+    # Canonical (unpacked) form of a tier, used only while re-tiering: codes uint8
+    # [L, N, E]; scale float16 / zero uint8 [L, N/key_group, E] (per-channel keys) or
+    # [L, N, E/g] (per-token groups) -- what quantize() returns for x = [L, N, E].
+    def _meta_rows(self, kind: str) -> int:
+        """Rows of the canonical scale per block (axis 1)."""
+        mode, g = self._modes[kind]
+        return self.config.block_len // g if mode == "channel" else self.config.block_len
+
+    def _empty_canonical(self, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mode, g = self._modes[kind]
+        w = self.E if mode == "channel" else self.E // g
+        return (np.zeros((self.L, 0, self.E), np.uint8), np.zeros((self.L, 0, w), np.float16),
+                np.zeros((self.L, 0, w), np.uint8))
+
+    def _to_graph(self, kind: str, codes, scale, zero, bits: int):
+        """Canonical -> graph layout (head-major unless per-token groups span heads)."""
+        mode, _ = self._modes[kind]
+        L, N, KV, D = self.L, codes.shape[1], self.KV, self.D
+        if mode != "row":
+            codes = codes.reshape(L, N, KV, D).transpose(0, 2, 1, 3)
+            w = scale.shape[2] // KV
+            scale = scale.reshape(L, scale.shape[1], KV, w).transpose(0, 2, 1, 3)
+            zero = zero.reshape(L, zero.shape[1], KV, w).transpose(0, 2, 1, 3)
+        codes, scale, zero = (np.ascontiguousarray(a) for a in (codes, scale, zero))
+        if bits == 4:
+            codes, zero = pack_half(codes), pack_half(zero)
+        return codes, scale, zero
+
+    def _canonical(self, tier: _Tier, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Graph layout of ``tier`` -> canonical (unpacked) arrays."""
+        mode, _ = self._modes[kind]
+        L, KV, D, E = self.L, self.KV, self.D, self.E
+        N = len(tier.blocks) * self.config.block_len
+        codes, scale, zero = tier.codes[kind], tier.scale[kind], tier.zero[kind]
+        if tier.bits == 4:
+            codes, zero = unpack_half(codes), unpack_half(zero).reshape(scale.shape)
+        if mode == "row":
+            return codes.reshape(L, N, E), scale, zero
+        codes = codes.reshape(L, KV, N, D).transpose(0, 2, 1, 3).reshape(L, N, E)
+        w = KV * scale.shape[3]
+        scale = scale.transpose(0, 2, 1, 3).reshape(L, scale.shape[2], w)
+        zero = zero.transpose(0, 2, 1, 3).reshape(L, zero.shape[2], w)
+        return codes, scale, zero
+
     def _quantize_block(self, rows: dict[str, np.ndarray], bits: int) -> dict[str, tuple]:
-        """rows[kind]: float ``[bl, L, E]`` -> packed (codes [L, x], scale [L, g], zero [L, z])."""
-        c, L = self.config, self.L
+        """rows[kind]: float ``[bl, L, E]`` -> canonical (codes [L, bl, E], scale, zero)."""
         out = {}
         for kind, r in rows.items():
             x = np.ascontiguousarray(r.transpose(1, 0, 2), dtype=np.float32)  # [L, bl, E]
-            if kind == "key" and c.key_axis == "channel":
-                qt = quantize(x, bits, axis=1, group=c.key_group)
-            elif kind == "key":
-                qt = quantize(x, bits, axis=2, group=c.key_group)
-            else:
-                qt = quantize(x, bits, axis=2, group=c.value_group)
-            codes, zero = qt.q.reshape(L, -1), qt.zero.reshape(L, -1)
-            if bits == 4:
-                codes = pack_int4(codes).reshape(L, -1)
-                zero = pack_int4(zero).reshape(L, -1)
-            out[kind] = (codes, qt.scale.reshape(L, -1), zero)
+            mode, g = self._modes[kind]
+            qt = quantize(x, bits, axis=1 if mode == "channel" else 2, group=g)
+            out[kind] = (qt.q, qt.scale, qt.zero)
         return out
 
-    def _dequant_block(self, tier: _Tier, slot: int) -> dict[str, np.ndarray]:
-        """float32 ``[bl, L, E]`` per kind of the block in ``slot`` of ``tier``."""
-        c, L, E, bl = self.config, self.L, self.E, self.config.block_len
+    def _dequant_block(self, canon: dict[str, tuple], slot: int) -> dict[str, np.ndarray]:
+        """float32 ``[bl, L, E]`` per kind of the block in ``slot`` of a canonical tier."""
+        bl = self.config.block_len
         res = {}
-        for kind in ("key", "value"):
-            codes, scale, zero = tier.codes[kind], tier.scale[kind], tier.zero[kind]
-            nc, ng = codes.shape[1] // max(len(tier.blocks), 1), scale.shape[1] // max(len(tier.blocks), 1)
-            nz = zero.shape[1] // max(len(tier.blocks), 1)
-            cq = codes[:, slot * nc:(slot + 1) * nc]
-            sq = scale[:, slot * ng:(slot + 1) * ng]
-            zq = zero[:, slot * nz:(slot + 1) * nz]
-            if tier.bits == 4:
-                cq = unpack_int4(np.ascontiguousarray(cq), L * bl * E).reshape(L, -1)
-                zq = unpack_int4(np.ascontiguousarray(zq), L * ng).reshape(L, -1)
-            cq = cq.reshape(L, bl, E)
-            if kind == "key" and c.key_axis == "channel":
-                s, z, ax, g = sq.reshape(L, bl // c.key_group, E), zq.reshape(L, bl // c.key_group, E), 1, c.key_group
-            else:
-                grp = c.key_group if kind == "key" else c.value_group
-                s, z, ax, g = sq.reshape(L, bl, E // grp), zq.reshape(L, bl, E // grp), 2, grp
-            from .quantize import dequantize
-
-            res[kind] = dequantize(cq, s, z, axis=ax, group=g).transpose(1, 0, 2)
+        for kind, (codes, scale, zero) in canon.items():
+            mode, g = self._modes[kind]
+            m = self._meta_rows(kind)
+            cq = codes[:, slot * bl:(slot + 1) * bl]
+            sq, zq = scale[:, slot * m:(slot + 1) * m], zero[:, slot * m:(slot + 1) * m]
+            x = dequantize(cq, sq, zq, axis=1 if mode == "channel" else 2, group=g)
+            res[kind] = x.transpose(1, 0, 2)
         return res
 
     def _apply(self, target: np.ndarray) -> None:
         c, bl = self.config, self.config.block_len
+        bad = set(np.unique(target[(target == 1) | (target == 2)]).tolist()) - set(c.levels)
+        if bad:  # StoreConfig.levels must foresee every level assign_levels can give
+            raise RuntimeError(f"level(s) {sorted(bad)} assigned but the graph has only {c.levels}")
         old = self._levels
         n0 = self._n0
         blk = self._block_of(self._l0_tok[:n0])
+        kinds = ("key", "value")
+        canon = {lv: {k: self._canonical(t, k) for k in kinds} for lv, t in self._tiers.items() if t.blocks}
         new_pieces: dict[int, list[tuple[int, dict]]] = {1: [], 2: []}
         # blocks leaving L0
         for b in np.nonzero((old == 0) & (target > 0))[0]:
             if target[b] == 3:
                 continue
             sel = blk == b
-            rows = {k: self._l0[k][:n0][sel] for k in ("key", "value")}
+            rows = {k: self._l0[k][:n0][sel] for k in kinds}
             new_pieces[int(target[b])].append((int(b), self._quantize_block(rows, LEVEL_BITS[int(target[b])])))
         # INT8 -> INT4 re-quantization
         t1 = self._tiers[1]
         for slot, b in enumerate(t1.blocks):
             if target[b] == 2:
-                new_pieces[2].append((b, self._quantize_block(self._dequant_block(t1, slot), 4)))
+                new_pieces[2].append((b, self._quantize_block(self._dequant_block(canon[1], slot), 4)))
         # rebuild the quantized tiers: kept blocks in slot order, then new ones
         for level in (1, 2):
             tier = self._tiers[level]
-            nbk = max(len(tier.blocks), 1)
             keep = [(slot, b) for slot, b in enumerate(tier.blocks) if target[b] == level]
             if len(keep) == len(tier.blocks) and not new_pieces[level]:
                 continue
-            blocks = [b for _, b in keep] + [b for b, _ in new_pieces[level]]
-            for kind in ("key", "value"):
-                parts = {}
-                for nm, arr in (("codes", tier.codes[kind]), ("scale", tier.scale[kind]), ("zero", tier.zero[kind])):
-                    w = arr.shape[1] // nbk
-                    parts[nm] = [arr[:, s * w:(s + 1) * w] for s, _ in keep]
+            for kind in kinds:
+                m = self._meta_rows(kind)
+                parts: list[list[np.ndarray]] = [[], [], []]
+                if keep:
+                    codes, scale, zero = canon[level][kind]
+                    for slot, _ in keep:
+                        parts[0].append(codes[:, slot * bl:(slot + 1) * bl])
+                        parts[1].append(scale[:, slot * m:(slot + 1) * m])
+                        parts[2].append(zero[:, slot * m:(slot + 1) * m])
                 for _, piece in new_pieces[level]:
-                    for nm, a in zip(("codes", "scale", "zero"), piece[kind]):
-                        parts[nm].append(a)
-                dt = {"codes": np.uint8, "scale": np.float16, "zero": np.uint8}
-                for nm in ("codes", "scale", "zero"):
-                    arr = np.concatenate(parts[nm], axis=1) if parts[nm] else np.zeros((self.L, 0), dt[nm])
-                    getattr(tier, nm)[kind] = arr
-            tier.blocks = blocks
+                    for lst, a in zip(parts, piece[kind]):
+                        lst.append(a)
+                empty = self._empty_canonical(kind)
+                arrs = [np.concatenate(p, axis=1) if p else e for p, e in zip(parts, empty)]
+                tier.codes[kind], tier.scale[kind], tier.zero[kind] = self._to_graph(kind, *arrs, tier.bits)
+            tier.blocks = [b for _, b in keep] + [b for b, _ in new_pieces[level]]
         self._evicted_tokens += int(((target == 3) & (old != 3)).sum()) * bl
         self._levels = target.astype(np.int8)
         # compact L0: keep sinks, recent tokens and blocks still at level 0
@@ -483,7 +529,7 @@ class TieredKVCache(KVCache):
         keep_idx = np.nonzero(lv == 0)[0]
         k = keep_idx.size
         if k != n0:
-            for kind in ("key", "value"):
+            for kind in kinds:
                 self._l0[kind][:k] = self._l0[kind][keep_idx]
             self._acc0[:k] = self._acc0[keep_idx]
             self._l0_tok[:k] = self._l0_tok[keep_idx]
@@ -498,28 +544,13 @@ class TieredKVCache(KVCache):
         self._refresh_tier_inputs()
 
     def _refresh_tier_inputs(self) -> None:
-        c, L, E = self.config, self.L, self.E
         d: dict[str, object] = {}
         for level, tier in self._tiers.items():
-            N = len(tier.blocks) * c.block_len
+            if level not in self.config.levels:
+                continue
             for kind in ("key", "value"):
                 qn, sn, zn = input_names(level, kind)
-                if kind == "key" and c.key_axis == "channel":
-                    meta = [L, N // c.key_group, E]
-                else:
-                    meta = [L, N, E // (c.key_group if kind == "key" else c.value_group)]
-                if tier.bits == 8:
-                    d[qn] = tier.codes[kind].reshape(L, N, E)
-                    d[zn] = tier.zero[kind].reshape(meta)
-                else:
-                    ov, view = _ort_uint4(tier.codes[kind], [L, N, E])
-                    tier.codes[kind] = view  # the OrtValue's memory is the only copy
-                    d[qn] = ov
-                    zv, zview = _ort_uint4(tier.zero[kind], meta)
-                    tier.zero[kind] = zview
-                    d[zn] = zv
-                    tier.ort[kind] = (ov, zv)
-                d[sn] = tier.scale[kind].reshape(meta)
+                d[qn], d[sn], d[zn] = tier.codes[kind], tier.scale[kind], tier.zero[kind]
         self._tier_inputs = d
 
     # ------------------------------------------------------------------ statistics
