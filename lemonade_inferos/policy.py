@@ -303,7 +303,7 @@ def validate_policy(doc: dict[str, Any], *, source: str = "policy") -> Policy:
     except ValidationError as e:
         errors = []
         for err in e.errors():
-            loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+            loc = tuple(err["loc"])
             field = ".".join(str(p) for p in loc) or "(root)"
             msg = err["msg"]
             if msg.startswith("Value error, "):
@@ -326,20 +326,36 @@ def _preset_dir() -> Any:
     return resources.files("lemonade_inferos") / "policies"
 
 
+def read_structured_file(path: str | Path) -> Any:
+    """Parse a YAML file, or JSON when the name ends in ``.json``; empty files give ``{}``.
+
+    Raises:
+        FileNotFoundError: no such file (the message names it).
+        ValueError: not valid YAML/JSON (the message names the file and the parser error).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: {str(p)!r}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{str(p)!r} is not valid YAML/JSON: {e}") from None
+    return {} if doc is None else doc
+
+
 def load_document(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON policy document from ``path``.
 
     Raises:
         PolicyError: the file is missing or not valid YAML/JSON mapping.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise PolicyError([{"field": "(file)", "value": str(p), "message": "no such policy file"}])
-    text = p.read_text(encoding="utf-8")
     try:
-        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise PolicyError([{"field": "(file)", "value": str(p), "message": f"not valid YAML/JSON: {e}"}]) from None
+        doc = read_structured_file(path)
+    except FileNotFoundError:
+        raise PolicyError([{"field": "(file)", "value": str(path), "message": "no such policy file"}]) from None
+    except ValueError as e:
+        raise PolicyError([{"field": "(file)", "value": str(path), "message": str(e)}]) from None
     return _unwrap(doc)
 
 

@@ -35,3 +35,19 @@ def embedded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             os.environ.pop("INFEROS_CACHE_DIR", None)
         else:
             os.environ["INFEROS_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def weights(stories_paths):
+    """The stories260K weights (float32 numpy arrays, llama2.c layout)."""
+    from lemonade_inferos.model.llama2c import load_llama2c
+
+    return load_llama2c(stories_paths[0])
+
+
+@pytest.fixture(scope="session")
+def tok(stories_paths):
+    """The stories260K llama2.c tokenizer (512 tokens)."""
+    from lemonade_inferos.model.tokenizer import Llama2cTokenizer
+
+    return Llama2cTokenizer.load(stories_paths[1], 512)

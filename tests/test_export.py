@@ -15,21 +15,9 @@ from lemonade_inferos.model import reference as R
 from lemonade_inferos.model.convert import MANIFEST, convert_llama2c
 from lemonade_inferos.model.export import (
     FLOAT, IR_VERSION, OPSET, GraphBuilder, KVGraphAdapter, StandardKVAdapter, build_decoder)
-from lemonade_inferos.model.llama2c import load_llama2c
 from lemonade_inferos.model.spec import DecoderSpec
-from lemonade_inferos.model.tokenizer import Llama2cTokenizer
 
 from test_model_llama2c import STORY
-
-
-@pytest.fixture(scope="module")
-def weights(stories_paths):
-    return load_llama2c(stories_paths[0])
-
-
-@pytest.fixture(scope="module")
-def tok(stories_paths):
-    return Llama2cTokenizer.load(stories_paths[1], 512)
 
 
 @pytest.fixture(scope="module")

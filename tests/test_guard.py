@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from lemonade_inferos.engine import Engine, GenerationConfig
 from lemonade_inferos.guard import QualityGuard, ladder

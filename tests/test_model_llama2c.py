@@ -10,7 +10,6 @@ import pytest
 
 from lemonade_inferos.model import reference as R
 from lemonade_inferos.model.llama2c import load_llama2c, save_llama2c
-from lemonade_inferos.model.tokenizer import Llama2cTokenizer
 
 #: TinyStories-style paragraph written for these tests (simple words, short sentences).
 STORY = (
@@ -23,16 +22,6 @@ STORY = (
     "His mom gave him a big hug and said, \"You are a good boy, Tom.\" From that day on, "
     "Tom and the dog were best friends. They played in the park every day."
 )
-
-
-@pytest.fixture(scope="module")
-def weights(stories_paths):
-    return load_llama2c(stories_paths[0])
-
-
-@pytest.fixture(scope="module")
-def tok(stories_paths):
-    return Llama2cTokenizer.load(stories_paths[1], 512)
 
 
 def test_header_facts(weights):

@@ -25,13 +25,11 @@ preset or a policy file::
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 APP_DIR_NAME = "lemonade-inferos"
@@ -136,15 +134,14 @@ def load_config_file(path: str | Path) -> tuple[AgentConfig, dict[str, Any] | No
     Raises:
         ConfigError: the file is missing, unparsable, or has bad/unknown keys.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([{"field": "(file)", "value": str(p), "message": "no such config file"}])
-    text = p.read_text(encoding="utf-8")
+    from ..policy import read_structured_file
+
     try:
-        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError([{"field": "(file)", "value": str(p), "message": f"not valid YAML/JSON: {e}"}]) from None
-    doc = doc or {}
+        doc = read_structured_file(path)
+    except FileNotFoundError:
+        raise ConfigError([{"field": "(file)", "value": str(path), "message": "no such config file"}]) from None
+    except ValueError as e:
+        raise ConfigError([{"field": "(file)", "value": str(path), "message": str(e)}]) from None
     if not isinstance(doc, dict):
         raise ConfigError([{"field": "(root)", "value": type(doc).__name__, "message": "must be a mapping"}])
     unknown = sorted(set(doc) - {"agent", "infer_os", "policy"})
@@ -162,6 +159,7 @@ def load_config_file(path: str | Path) -> tuple[AgentConfig, dict[str, Any] | No
     spec = doc.get("policy")
     if spec is not None and not isinstance(spec, str):
         raise ConfigError([{"field": "policy", "value": spec, "message": "must be a preset name or a policy file path"}])
-    if spec and not Path(spec).is_absolute() and (p.parent / spec).is_file():
-        spec = str(p.parent / spec)
+    base = Path(path).parent
+    if spec and not Path(spec).is_absolute() and (base / spec).is_file():
+        spec = str(base / spec)
     return cfg, pol_doc, spec
