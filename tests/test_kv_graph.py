@@ -64,7 +64,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_graph_matches_numpy_dequant(spec, name):
+def test_graph_matches_numpy_dequant(spec, name, sessions=None):
     cfg = CONFIGS[name]
     if cfg is None:
         c = store_for_scheme("tiered", spec)
@@ -73,18 +73,21 @@ def test_graph_matches_numpy_dequant(spec, name):
     else:
         c = TieredKVCache(spec, None, cfg)
     ids = [1] + [int(x) for x in np.random.default_rng(1).integers(2, 512, 299)]
-    s = _sess(spec, c.graph_file)
+    sessions = {} if sessions is None else sessions
+    s = _sess(spec, c.graph_file, sessions)
     outs = ["logits"] + c.output_names()
     for pos, t in enumerate(ids):  # token by token, re-tiering as it goes
-        feeds = dict(input_ids=np.array([[t]], np.int64), attention_mask=np.ones((1, c.past_length + 1), np.int64),
+        feeds = dict(input_ids=np.array([[t]], np.int64), attention_mask=c.attention_mask(1).copy(),
                      position_ids=np.array([[pos]], np.int64), **c.past_inputs())
         r = s.run(outs, feeds)
         c.update(dict(zip(outs[1:], r[1:])), 1)
     assert sum(len(c._tiers[v].blocks) for v in c.config.levels) > 0
-    nxt = dict(input_ids=np.array([[5]], np.int64), attention_mask=np.ones((1, c.past_length + 1), np.int64),
+    nxt = dict(input_ids=np.array([[5]], np.int64), attention_mask=c.attention_mask(1).copy(),
                position_ids=np.array([[len(ids)]], np.int64))
     got = s.run(["logits"], {**nxt, **c.past_inputs()})[0]
-    ref = _sess(spec, "model.onnx").run(["logits"], {**nxt, **_fp_past(c)})[0]
+    fp = _fp_past(c)
+    nxt["attention_mask"] = np.ones((1, next(iter(fp.values())).shape[2] + 1), np.int64)
+    ref = _sess(spec, "model.onnx", sessions).run(["logits"], {**nxt, **fp})[0]
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
@@ -97,3 +100,24 @@ def test_layout_levels_and_checks():
     assert StoreConfig(budget_bytes=1000).levels == (1, 2)
     with pytest.raises(ValueError):
         GraphLayout(value_group=12).check(4, 8)  # neither divides nor spans whole heads
+
+
+@pytest.mark.parametrize("name", ["default", "hf_quantized", "int8+int4", "q4_0"])
+def test_split_before_dequant_graph_matches_numpy_dequant(tmp_path, monkeypatch, name):
+    """Models with kv_heads*head_dim >= 128 split the quantized tiers into layers before
+    dequantizing; force that graph on stories260K and check it dequantizes exactly what
+    the store holds."""
+    import lemonade_inferos.kv.graph as G
+
+    monkeypatch.setattr(G, "split_before_dequant", lambda kv, d: True)
+    dst = tmp_path / "stories260K"
+    shutil.copytree(embedded_model_dir(), dst)
+    for f in dst.glob("model_tiered*.onnx"):
+        f.unlink()
+    write_tiered_graph(embedded_source_files()[0], dst)
+    sp = DecoderSpec.from_folder(dst)
+    test_graph_matches_numpy_dequant(sp, name, {})
+    import onnx
+
+    m = onnx.load(str(dst / "model_tiered.onnx"))
+    assert any(n.name.endswith("dq_4/DequantizeLinear") for n in m.graph.node)

@@ -30,7 +30,9 @@ def _run(spec, cache, ids, prefill):
     s, outs, logits, pos = _S[f], ["logits"] + cache.output_names(), [], 0
     for ch in [ids[:prefill]] + [[t] for t in ids[prefill:]]:
         n = len(ch)
-        feeds = dict(input_ids=np.array([ch], np.int64), attention_mask=np.ones((1, cache.past_length + n), np.int64),
+        m = cache.attention_mask(n)
+        m = np.ones((1, cache.past_length + n), np.int64) if m is None else m.copy()
+        feeds = dict(input_ids=np.array([ch], np.int64), attention_mask=m,
                      position_ids=np.arange(pos, pos + n, dtype=np.int64)[None], **cache.past_inputs())
         r = s.run(outs, feeds)
         cache.update(dict(zip(outs[1:], r[1:])), n)

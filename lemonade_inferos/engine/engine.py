@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -115,6 +116,7 @@ class Engine:
         self._calib: list[int] | None = None
         self._guard: "QualityGuard | None" = None
         self._mask = np.ones((1, self.spec.context_length + 1), dtype=np.int64)
+        self._bindings: "weakref.WeakKeyDictionary[KVCache, tuple]" = weakref.WeakKeyDictionary()
 
     # -- sessions -----------------------------------------------------------------------
     def _detect_backend(self) -> str:
@@ -171,23 +173,34 @@ class Engine:
         Returns logits float32 [n, vocab]; hands the cache its outputs.
         """
         n = ids.shape[1]
-        total = cache.past_length + n
-        if total > self._mask.shape[1]:
-            self._mask = np.ones((1, total), dtype=np.int64)
-        mask = self._mask[:, :total]
+        mask = cache.attention_mask(n)
+        if mask is None:
+            total = cache.past_length + n
+            if total > self._mask.shape[1]:
+                self._mask = np.ones((1, total), dtype=np.int64)
+            mask = self._mask[:, :total]
         pos = np.arange(start_pos, start_pos + n, dtype=np.int64)[None, :]
         outs = cache.output_names()
         if iobinding:
-            io = sess.io_binding()
+            # one IOBinding per (request cache, session): past inputs that did not change
+            # since the last run (cache.step_inputs) stay bound
+            st = self._bindings.get(cache)
+            if st is None or st[0] is not sess:
+                io = sess.io_binding()
+                self._bindings[cache] = (sess, io)
+                past = cache.past_inputs()
+            else:
+                io = st[1]
+                past = cache.step_inputs()
             io.bind_cpu_input("input_ids", ids)
             io.bind_cpu_input("attention_mask", mask)
             io.bind_cpu_input("position_ids", pos)
-            for name, v in cache.past_inputs().items():
+            for name, v in past.items():
                 if isinstance(v, np.ndarray):
                     io.bind_cpu_input(name, v)
                 else:
                     io.bind_ortvalue_input(name, v)
-            io.bind_output("logits", "cpu")
+            io.bind_output("logits", "cpu")  # rebound: fresh output buffers every run
             for name in outs:
                 io.bind_output(name, "cpu")
             sess.run_with_iobinding(io, ro)
@@ -195,6 +208,7 @@ class Engine:
             logits = vals[0].numpy()[0]
             cache.update(dict(zip(outs, vals[1:])), n)
         else:
+            self._bindings.pop(cache, None)  # past_inputs() below resets step_inputs() tracking
             feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
             feeds.update({k: (v if isinstance(v, np.ndarray) else v.numpy()) for k, v in cache.past_inputs().items()})
             vals = sess.run(["logits", *outs], feeds, ro)

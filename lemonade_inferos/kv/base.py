@@ -1,11 +1,13 @@
 """The KV-cache interface the generation loop drives, and the full-precision store.
 
 The engine never looks inside a cache. Each step it asks the cache which ONNX graph to run
-(:attr:`KVCache.graph_file`), which past inputs to bind (:meth:`KVCache.past_inputs`) and
+(:attr:`KVCache.graph_file`), which past inputs to bind (:meth:`KVCache.past_inputs` on a
+request's first run, then only :meth:`KVCache.step_inputs`, the ones that changed) and
 which outputs it wants back (:meth:`KVCache.output_names`); after the run it hands those
 outputs to :meth:`KVCache.update`. Attention masks and position ids stay the engine's job:
 the cache only reports how many key positions it presents (:attr:`KVCache.past_length`),
-which may be fewer than the logical sequence length once tokens are evicted.
+which may be fewer than the logical sequence length once tokens are evicted, and may mask
+some of them (:meth:`KVCache.attention_mask`).
 
 This mirrors the role of ``transformers.Cache`` / ``QuantizedCache`` (``update()`` returns
 what attention reads), but across an ONNX Runtime graph boundary instead of a Python
@@ -38,7 +40,15 @@ class KVCache(abc.ABC):
     @property
     @abc.abstractmethod
     def past_length(self) -> int:
-        """Number of key positions the next run attends to from the cache (int, tokens)."""
+        """Number of key positions the cache presents to the next run (int; the past
+        part of ``attention_mask``)."""
+
+    def attention_mask(self, new_tokens: int) -> np.ndarray | None:
+        """int64 ``[1, past_length + new_tokens]`` (1 = attend) when some presented past
+        positions must be masked out (e.g. spare buffer capacity bound to avoid a copy),
+        or None: all ones (the engine's own mask). The array may be reused by the cache
+        on its next call."""
+        return None
 
     @property
     @abc.abstractmethod
@@ -48,6 +58,16 @@ class KVCache(abc.ABC):
     @abc.abstractmethod
     def past_inputs(self) -> Mapping[str, object]:
         """Graph inputs holding the past, by input name: numpy arrays or ``OrtValue``s."""
+
+    def step_inputs(self) -> Mapping[str, object]:
+        """The past inputs that may have changed since the last :meth:`past_inputs` or
+        :meth:`step_inputs` call (same value types). The engine keeps one IOBinding per
+        request: it binds all of :meth:`past_inputs` on the first run and only these on
+        later runs, so a cache whose large arrays rarely change (e.g. quantized tiers
+        rebuilt once per block) returns just the small ones. An input left out must stay
+        exactly as last returned (same object, memory alive and unmodified). Default:
+        every past input."""
+        return self.past_inputs()
 
     @abc.abstractmethod
     def output_names(self) -> list[str]:

@@ -2,62 +2,75 @@
 
 Built with :func:`lemonade_inferos.model.export.build_decoder` and :class:`TieredKVAdapter`
 (no transformer code here). Batch size 1. Notation: L layers, KV kv heads, D head_dim,
-E = KV * D, N0/N1/N2 tokens held at L0/L1/L2, P = N0 + N1 + N2, S new tokens, T = P + S,
-g the group size of a kind (``GraphLayout.key_group`` / ``value_group``).
-Tier decisions are shared by all layers and heads, so every tier stacks the layers.
+E = KV * D (channel ``e = head*D + d``), N0/N1/N2 tokens held at L0/L1/L2, C >= N0 the
+L0 capacity, P = C + N1 + N2 key positions presented, S new tokens, T = P + S, g the group size of a kind
+(``GraphLayout.key_group`` / ``value_group``). Tier decisions are shared by all layers
+and heads, so every tier stacks the layers.
 
-Inputs (besides ``input_ids``, ``attention_mask`` int64 ``[1, T]`` all ones,
-``position_ids`` int64 ``[1, S]`` logical positions):
+Inputs (besides ``input_ids``, ``attention_mask`` int64 ``[1, T]``: 0 for the spare L0
+columns, else 1, ``position_ids`` int64 ``[1, S]`` logical positions):
 
 =====================  ========  =====================  ==================================
 name                   dtype     shape                  meaning
 =====================  ========  =====================  ==================================
-kv.l0.key / .value     float16   [N0, L, E]             L0 tokens, token-major (appending
-                                                        a token is one contiguous row)
-kv.l1.{kind}           uint8     [L, KV, N1, D]         INT8 codes, head-major
-                                 or [L, N1, E]          (token-major: per-token groups
-                                                        wider than a head, g > D)
-kv.l1.{kind}_scale     float16   [L, KV, N1/g, D]       per-channel keys (KIVI), groups of
-                                                        g tokens
-                                 or [L, KV, N1, D/g]    per-token groups of g <= D channels
-                                 or [L, N1, E/g]        per-token groups of g > D channels
-                                                        (whole heads; token-major codes)
-kv.l1.{kind}_zero      uint8     as the scale
-kv.l2.{kind}           uint8     [n/2]                  INT4 codes, n = L*N2*E, laid out
-                                                        like kv.l1.{kind}, flattened, two
-                                                        per byte "split-half": byte i
-                                                        holds code i (low nibble) and code
-                                                        i + n/2 (high nibble)
-kv.l2.{kind}_scale     float16   as kv.l1.{kind}_scale (N2 for N1)
-kv.l2.{kind}_zero      uint8     [m/2]                  uint4 zero points of the m scales,
-                                                        flattened, split-half like codes
+kv.l0                  float16   [2L, E, C]             L0 tokens, channel-major: keys of
+                                                        layers 0..L-1 then values; token
+                                                        j < N0 in column j, columns
+                                                        N0..C-1 spare capacity (masked by
+                                                        attention_mask), 2 bytes/element
+kv.l2.codes            uint8     [L, E, N2]             INT4 codes, channel-major (tokens
+                                                        innermost): low nibble = key code,
+                                                        high nibble = value code of the
+                                                        same (layer, channel, token);
+                                                        1 byte per K+V pair of elements
+kv.l{1,2}.{kind}_scale float16   [L*E*N/g]              per-channel groups (KIVI keys):
+                                                        rows of g consecutive tokens of
+                                                        one channel, order (l, e, n/g)
+                                 or [L, E/g, N]         per-token groups of g consecutive
+                                                        channels
+kv.l2.zero             uint8     [L*E*N2/g]             uint4 zero points when key_group ==
+                                                        value_group: low nibble key zero
+                                                        i, high nibble value zero i (both
+                                                        kinds in their scale's flat order)
+kv.l2.{kind}_zero      uint8     [L, m/2]               otherwise, per kind: the m zero
+                                                        points of a layer (scale order)
+                                                        split-half packed: byte j holds
+                                                        zero j (low) and j + m/2 (high)
+kv.l1.{kind}           uint8     [L, E, N1]             INT8 codes, channel-major
+kv.l1.{kind}_zero      uint8     as the scale           INT8 zero points
 =====================  ========  =====================  ==================================
 
-(``kind`` is ``key`` or ``value``; n and m are always even because N2 is a multiple of
-the even block length and D is even.) Which grouping a kind uses is
-:meth:`GraphLayout.grouping`; the store writes exactly these layouts.
+(``kind`` is ``key`` or ``value``.) Which grouping a kind uses is
+:meth:`GraphLayout.grouping`; the store writes exactly these layouts. For models with
+``kv_heads*head_dim >= 128`` (:func:`split_before_dequant`) the graph splits the unpacked
+uint8 codes and the metadata into layers and dequantizes per layer (no float32 Split).
 
-In-graph (per kind), everything stays stacked over layers until one ``Split`` per tier:
+In-graph: past keys *and* values are channel-major ``[1, E, P]`` per layer
+(``keys_transposed`` / ``values_transposed`` of the adapter protocol), which is the
+layout the score MatMul reads (K^T) and lets every tier dequantize with onnxruntime's
+fast uint8 ``DequantizeLinear`` paths without any float32 Transpose:
 
-* L0: ``Cast`` to float32, ``Reshape``/``Transpose`` to ``[L, KV, N0, D]``;
-* L1/L2: ``Cast`` the float16 scales to float32, for L2 unpack the nibbles
-  (``BitwiseAnd``/``BitShift``/``Concat`` of the two halves: the split-half packing makes
-  the unpacked bytes the codes in order), then one uint8 ``DequantizeLinear`` to float32:
-  blocked (axis 2, ``block_size`` g) for per-channel keys, per-axis over ``[n/g, g]`` rows
-  for per-token groups (onnxruntime's fast paths: a uint4 or float16-scale or innermost-
-  axis blocked ``DequantizeLinear`` is 5-40x slower on CPU);
-* ``Split`` every tier into L layers; layer i's past is the tiers in order, and the
-  decoder's ``Concat(past, new)`` takes them directly: ``Concat(l0_i, l1_i, l2_i, new_i)``
-  (nested Concats are flattened after building, so the float32 past is written once by the
-  dequantization and copied once by that Concat, as in the full-precision graph).
+* L0: ``Cast`` to float32, ``Split`` into the 2L layer/kind slices (no Transpose: the
+  store appends a token as one column);
+* L1/L2: ``Cast`` the float16 scales to float32; for L2 one ``BitwiseAnd`` (keys) and one
+  ``BitShift`` (values) of the shared code bytes (likewise for paired zero points); then
+  per kind one uint8 ``DequantizeLinear`` to float32: per-axis over ``[rows, g]`` for
+  per-channel groups, blocked on axis 1 (block g) of ``[L, E, N]`` for per-token groups
+  (a uint4, float16-scale or innermost-axis blocked ``DequantizeLinear`` is 5-40x slower
+  on CPU); stacked tiers are ``Split`` into layers (before dequantizing for wide models);
+* the decoder's ``Concat(past, new)`` takes the tiers directly:
+  ``Concat(l0_i, l1_i, l2_i, new_i)`` on the token axis (nested Concats are flattened
+  after building, so the float32 past is written once by the dequantization and copied
+  once by that Concat).
 
 Key order does not matter for attention once RoPE is applied, so the tiers need not be in
 token order. P is ``attention_mask`` length minus S.
 
-Outputs: ``logits`` float32 ``[1, S, vocab]``; ``kv.new`` float32 ``[2L, KV, S, D]`` this
-step's keys (rows 0..L-1, after RoPE) and values (rows L..2L-1) only; ``kv.attn_mass``
-float32 ``[T]`` attention probability per key position (graph order: L0 rows, L1, L2, new)
-summed over layers, query heads and the S queries (H2O importance).
+Outputs: ``logits`` float32 ``[1, S, vocab]``; ``kv.new`` float32 ``[1, 2L*E, S]`` this
+step's keys (after RoPE) and values in the L0 layout (``[2L, E, S]``: keys of layers
+0..L-1, then values; S columns); ``kv.attn_mass`` float32 ``[T]`` attention probability per key position (graph
+order: L0 columns, L1, L2, new) summed over layers, query heads and the S queries (H2O
+importance).
 """
 
 from __future__ import annotations
@@ -78,6 +91,11 @@ FLOAT = TensorProto.FLOAT
 UINT8 = TensorProto.UINT8
 
 TIERED_FILE = "model_tiered.onnx"
+L0 = "kv.l0"
+#: model metadata key holding "L,KV,D" of a tiered graph (read by ensure_graph).
+DIMS_KEY = "inferos.kv_dims"
+L2_CODES = "kv.l2.codes"
+L2_ZERO = "kv.l2.zero"
 NEW_KV = "kv.new"
 ATTN_MASS = "kv.attn_mass"
 #: bits per code of the quantized levels.
@@ -89,17 +107,30 @@ _IN = "kv/in"
 
 
 def input_names(level: int, kind: str) -> tuple[str, str, str]:
-    """(codes, scale, zero) input names of a quantized tier (level 1 or 2) for key/value."""
+    """(codes, scale, zero) input names of a quantized tier (level 1 or 2) for key/value
+    (level 2 with :meth:`GraphLayout.paired_zero`: both kinds share ``kv.l2.codes`` and
+    ``kv.l2.zero``; level 2 codes are always shared)."""
     p = f"kv.l{level}.{kind}"
+    if level == 2:
+        return L2_CODES, p + "_scale", p + "_zero"
     return p, p + "_scale", p + "_zero"
 
 
-def l0_name(kind: str) -> str:
-    return f"kv.l0.{kind}"
+def l0_name(kind: str | None = None) -> str:
+    """The L0 input (one for both kinds: ``kv.l0``)."""
+    return L0
 
 
 def _tier_out(kind: str, level: int) -> str:
     return f"{_IN}/{kind}/l{level}"
+
+
+def split_before_dequant(kv_heads: int, head_dim: int) -> bool:
+    """Whether a model's tiered graph splits the quantized tiers into layers before
+    dequantizing (uint8 codes and small metadata are copied, ~2 extra nodes per layer and
+    kind) rather than after (one float32 Split copy of each dequantized tier). Before when
+    ``kv_heads*head_dim >= 128``, where the float32 copy costs more than the nodes."""
+    return kv_heads * head_dim >= 128
 
 
 @dataclass
@@ -113,7 +144,7 @@ class GraphLayout:
         value_group: channels per value group (values are always per-token).
         levels: the quantized tiers the graph reads: ``(2,)`` (INT4 only, what the
             ``default`` preset uses), ``(1,)``, ``(1, 2)`` or ``()``; inputs of absent
-            tiers do not exist (every tier costs ~8 nodes per run even when empty).
+            tiers do not exist (every tier costs nodes per run even when empty).
     """
 
     key_axis: str = "channel"
@@ -130,26 +161,29 @@ class GraphLayout:
         if self.key_group < 1 or self.value_group < 1:
             raise ValueError("key_group and value_group must be >= 1")
 
-    def grouping(self, kind: str, head_dim: int) -> tuple[str, int]:
-        """``(mode, g)`` of ``kind``: mode ``"channel"`` (groups of g tokens per channel,
-        head-major codes), ``"head"`` (per-token groups of g channels inside a head,
-        head-major codes) or ``"row"`` (per-token groups of g > head_dim channels
-        spanning g/head_dim whole heads, token-major codes)."""
+    def grouping(self, kind: str, head_dim: int | None = None) -> tuple[str, int]:
+        """``(mode, g)`` of ``kind``: mode ``"channel"`` (groups of g consecutive tokens of
+        one channel: rows of the ``[L, E, N]`` codes) or ``"token"`` (per-token groups of
+        g consecutive channels ``e = head*D + d``: blocks along axis 1 of ``[L, E, N]``)."""
         if kind == "key" and self.key_axis == "channel":
             return "channel", self.key_group
-        g = self.key_group if kind == "key" else self.value_group
-        return ("head" if g <= head_dim else "row"), g
+        return "token", (self.key_group if kind == "key" else self.value_group)
+
+    def paired_zero(self) -> bool:
+        """True when key and value tiers have as many groups (the INT4 zero points of
+        both kinds then share bytes, key low nibble / value high nibble)."""
+        return self.key_group == self.value_group
 
     def check(self, kv_heads: int, head_dim: int) -> None:
-        """Raises ValueError if a group does not fit the model's heads."""
+        """Raises ValueError if a group does not fit the model's heads (a per-token group
+        lies inside one head or spans whole heads)."""
         E = kv_heads * head_dim
         for kind in KINDS:
-            mode, g = self.grouping(kind, head_dim)
-            if mode == "head" and head_dim % g:
-                raise ValueError(f"{kind} group {g} must divide head_dim {head_dim}")
-            if mode == "row" and (g % head_dim or E % g):
-                raise ValueError(f"{kind} group {g} must be a multiple of head_dim {head_dim} "
-                                 f"dividing kv_heads*head_dim = {E}")
+            mode, g = self.grouping(kind)
+            if mode == "token" and not ((g <= head_dim and head_dim % g == 0)
+                                        or (g % head_dim == 0 and E % g == 0)):
+                raise ValueError(f"{kind} group {g} must divide head_dim {head_dim} or be a "
+                                 f"multiple of it dividing kv_heads*head_dim = {E}")
 
     def file_name(self) -> str:
         """``model_tiered.onnx`` for the default layout, else a tagged variant."""
@@ -161,11 +195,18 @@ class GraphLayout:
 
 @dataclass
 class TieredKVAdapter:
-    """:class:`~lemonade_inferos.model.export.KVGraphAdapter` for the tiered store (batch 1)."""
+    """:class:`~lemonade_inferos.model.export.KVGraphAdapter` for the tiered store (batch 1).
+
+    Past keys *and* values are presented channel-major ``[1, KV, D, P]``
+    (``keys_transposed``): the score MatMul reads K^T directly and the context is computed
+    as ``V^T @ probs^T``, so no float32 Transpose of the past is made per layer.
+    """
 
     layout: GraphLayout = field(default_factory=GraphLayout)
+    keys_transposed: bool = field(default=True, init=False)
+    values_transposed: bool = field(default=True, init=False)
     _past: dict[str, list[list[str]]] = field(default_factory=dict, init=False, repr=False)
-    _new: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False)
+    _rows: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False)
     _probs: list[str] = field(default_factory=list, init=False, repr=False)
     _past_len: str = field(default="", init=False, repr=False)
     _nib: tuple = field(default=(), init=False, repr=False)
@@ -174,69 +215,116 @@ class TieredKVAdapter:
         c = b.config
         L, KV, D = c.n_layers, c.n_kv_heads, c.head_size
         E = KV * D
-        self.layout.check(KV, D)
-        self._past, self._new, self._probs = {}, {k: [] for k in KINDS}, []
+        lay = self.layout
+        lay.check(KV, D)
+        self._past, self._rows, self._probs = {}, {k: [] for k in KINDS}, []
         i64 = b.const_i64
         self._nib = (b.initializer("kv_nibble_mask", np.array(15, np.uint8)),
                      b.initializer("kv_nibble_shift", np.array(4, np.uint8)))
-        for kind in KINDS:
-            mode, g = self.layout.grouping(kind, D)
-            pre = f"{_IN}/{kind}"
-            l0 = b.add_input(l0_name(kind), FLOAT16, ["kv_l0_len", L, E])
-            x = b.node("Cast", [l0], f"{pre}/l0_f32", to=FLOAT)
-            x = b.node("Reshape", [x, i64([0, L, KV, D], "kv_l0_4d")], f"{pre}/l0_nlkd")
-            tiers = [b.node("Transpose", [x], f"{pre}/l0_lknd", perm=[1, 2, 0, 3])]
-            for level in self.layout.levels:
-                qn, sn, zn = input_names(level, kind)
-                n = f"kv_l{level}_len"
-                if mode == "channel":
-                    shape, meta = [L, KV, n, D], [L, KV, f"kv_l{level}_groups", D]
-                elif mode == "head":
-                    shape, meta = [L, KV, n, D], [L, KV, n, D // g]
-                else:
-                    shape, meta = [L, n, E], [L, n, E // g]
-                p = f"{pre}/l{level}"
-                s = b.node("Cast", [b.add_input(sn, FLOAT16, meta)], f"{p}/scale_f32", to=FLOAT)
-                if level == 1:
-                    q = b.add_input(qn, UINT8, shape)
-                    z = b.add_input(zn, UINT8, meta)
-                else:  # split-half packed nibbles -> the codes in order (flat)
-                    q = self._unpack(b, b.add_input(qn, UINT8, [f"kv_l2_{kind}_bytes"]), f"{p}/codes")
-                    z = self._unpack(b, b.add_input(zn, UINT8, [f"kv_l2_{kind}_zero_bytes"]), f"{p}/zero")
-                if mode == "channel":
-                    if level == 2:
-                        q = b.node("Reshape", [q, i64([L, KV, -1, D], "kv_lknd")], f"{p}/codes_lknd")
-                        z = b.node("Reshape", [z, i64([L, KV, -1, D], "kv_lknd")], f"{p}/zero_lknd")
-                    x = b.node("DequantizeLinear", [q, s, z], f"{p}/dq", axis=2, block_size=g)
-                else:
-                    q = b.node("Reshape", [q, i64([-1, g], f"kv_rows{g}")], f"{p}/codes_rows")
-                    s = b.node("Reshape", [s, i64([-1], "kv_flat")], f"{p}/scale_flat")
-                    if level == 1:
-                        z = b.node("Reshape", [z, i64([-1], "kv_flat")], f"{p}/zero_flat")
-                    x = b.node("DequantizeLinear", [q, s, z], f"{p}/dq", axis=0)
-                    if mode == "head":
-                        x = b.node("Reshape", [x, i64([L, KV, -1, D], "kv_lknd")], f"{p}/lknd")
-                    else:
-                        x = b.node("Reshape", [x, i64([L, -1, KV, D], "kv_lnkd")], f"{p}/lnkd")
-                        x = b.node("Transpose", [x], f"{p}/lknd", perm=[0, 2, 1, 3])
-                tiers.append(x)
-            outs = []
-            for level, t in zip((0,) + self.layout.levels, tiers):
-                o = b.node("Split", [t, i64([1] * L, "kv_split_layers")], _tier_out(kind, level),
+        # L0: [2L, E, C] float16 -> float32 -> K^T / V^T [1, E, C] per layer
+        x = b.node("Cast", [b.add_input(L0, FLOAT16, [2 * L, E, "kv_l0_len"])], f"{_IN}/l0_f32", to=FLOAT)
+        l0 = b.node("Split", [x, i64([1] * (2 * L), "kv_split_l0")], f"{_IN}/kv/l0",
+                    num_outputs=2 * L, axis=0)
+        l0 = l0 if isinstance(l0, list) else [l0]
+        tiers: dict[str, list[list[str]]] = {"key": [l0[:L]], "value": [l0[L:]]}
+        split_first = split_before_dequant(KV, D)
+        for level in lay.levels:
+            x = self._tier(b, level, L, E, split_first)
+            for kind in KINDS:
+                if split_first:  # already one float32 [1, E, N] per layer
+                    tiers[kind].append(x[kind])
+                    continue
+                o = b.node("Split", [x[kind], i64([1] * L, "kv_split_layers")], _tier_out(kind, level),
                            num_outputs=L, axis=0)
-                outs.append(o if isinstance(o, list) else [o])
-            self._past[kind] = [[o[i] for o in outs] for i in range(L)]
+                tiers[kind].append(o if isinstance(o, list) else [o])
+        for kind in KINDS:
+            self._past[kind] = [[t[i] for t in tiers[kind]] for i in range(L)]
         mlen = b.node("Shape", ["attention_mask"], f"{_IN}/total_len", start=1, end=2)
         slen = b.node("Shape", ["input_ids"], f"{_IN}/new_len", start=1, end=2)
         self._past_len = b.node("Sub", [mlen, slen], f"{_IN}/past_len_1d")
 
-    def _unpack(self, b: GraphBuilder, packed: str, hint: str) -> str:
-        lo = b.node("BitwiseAnd", [packed, self._nib[0]], f"{hint}_lo")
-        hi = b.node("BitShift", [packed, self._nib[1]], f"{hint}_hi", direction="RIGHT")
-        return b.node("Concat", [lo, hi], f"{hint}_u8", axis=0)
+    def _tier(self, b: GraphBuilder, level: int, L: int, E: int, split_first: bool) -> dict[str, object]:
+        """Dequantize one quantized tier: float32 ``[L, E, N]`` per kind, or with
+        ``split_first`` a list of L ``[1, E, N]`` per kind (codes, scales and zero points
+        are split into layers before the per-layer ``DequantizeLinear``: uint8/metadata
+        copies instead of a float32 Split of the result)."""
+        lay, i64 = self.layout, b.const_i64
+        p = f"{_IN}/l{level}"
+        n = f"kv_l{level}_len"
+        codes: dict[str, str] = {}
+        zeros: dict[str, str] = {}
+
+        sizes: dict[str, str] = {}
+
+        def layers(x: str, hint: str, flat: bool) -> list[str]:
+            """L equal parts along axis 0 (a flat array may be empty: explicit sizes)."""
+            if flat:
+                if "flat" not in sizes:  # [m/L] * L from the (flat, layer-major) key scale
+                    per = b.node("Div", [b.node("Shape", [s_key], f"{p}/meta_len"),
+                                         i64([L], "kv_n_layers")], f"{p}/meta_per_layer")
+                    sizes["flat"] = b.node("Expand", [per, i64([L], "kv_n_layers")], f"{p}/meta_sizes")
+                sp = sizes["flat"]
+            else:
+                sp = i64([1] * L, "kv_split_layers")
+            o = b.node("Split", [x, sp], hint, num_outputs=L, axis=0)
+            return o if isinstance(o, list) else [o]
+
+        if level == 2:  # K codes in the low nibble, V codes in the high nibble
+            codes = self._nibbles(b, b.add_input(L2_CODES, UINT8, [L, E, n]), f"{p}/codes")
+            if lay.paired_zero():
+                zeros = self._nibbles(b, b.add_input(L2_ZERO, UINT8, ["kv_l2_groups"]), f"{p}/zero")
+        out: dict[str, object] = {}
+        for kind in KINDS:
+            mode, g = lay.grouping(kind)
+            qn, sn, zn = input_names(level, kind)
+            pk = f"{p}/{kind}"
+            meta = [f"kv_l{level}_{kind}_groups"] if mode == "channel" else [L, E // g, n]
+            s = b.node("Cast", [b.add_input(sn, FLOAT16, meta)], f"{pk}/scale_f32", to=FLOAT)
+            if kind == "key":
+                s_key = s
+            if level == 1:
+                q = b.add_input(qn, UINT8, [L, E, n])
+                z = b.add_input(zn, UINT8, meta)
+            else:
+                q = codes[kind]
+                if zeros:
+                    z = zeros[kind]
+                else:  # uint4 zero points of this kind, split-half packed per layer
+                    zp = self._nibbles(b, b.add_input(zn, UINT8, [L, f"kv_l2_{kind}_zero_bytes"]), f"{pk}/zero")
+                    z = b.node("Concat", [zp["key"], zp["value"]], f"{pk}/zero_u8", axis=1)
+                    if mode == "channel":
+                        z = b.node("Reshape", [z, i64([-1], "kv_flat")], f"{pk}/zero_flat")
+                if mode == "token":
+                    z = b.node("Reshape", [z, i64([L, E // g, -1], f"kv_meta{g}")], f"{pk}/zero_3d")
+            if not split_first:
+                if mode == "channel":  # per-axis over rows of g tokens (onnxruntime fast path)
+                    q = b.node("Reshape", [q, i64([-1, g], f"kv_rows{g}")], f"{pk}/codes_rows")
+                    x = b.node("DequantizeLinear", [q, s, z], f"{pk}/dq", axis=0)
+                    out[kind] = b.node("Reshape", [x, i64([L, E, -1], "kv_len")], f"{pk}/len")
+                else:  # blocked along channels (axis 1, not innermost: fast path)
+                    out[kind] = b.node("DequantizeLinear", [q, s, z], f"{pk}/dq", axis=1, block_size=g)
+                continue
+            flat = mode == "channel"  # only per-channel keys have flat metadata
+            qs, ss, zs = layers(q, f"{pk}/codes_l", False), layers(s, f"{pk}/scale_l", flat), layers(z, f"{pk}/zero_l", flat)
+            res = []
+            for i in range(L):
+                if mode == "channel":
+                    qi = b.node("Reshape", [qs[i], i64([-1, g], f"kv_rows{g}")], f"{pk}/codes_rows_{i}")
+                    x = b.node("DequantizeLinear", [qi, ss[i], zs[i]], f"{pk}/dq_{i}", axis=0)
+                    res.append(b.node("Reshape", [x, i64([1, E, -1], "kv_len1")], f"{pk}/len_{i}"))
+                else:
+                    res.append(b.node("DequantizeLinear", [qs[i], ss[i], zs[i]], f"{pk}/dq_{i}",
+                                      axis=1, block_size=g))
+            out[kind] = res
+        return out
+
+    def _nibbles(self, b: GraphBuilder, packed: str, hint: str) -> dict[str, str]:
+        """low nibble -> key, high nibble -> value (uint8, shape of ``packed``)."""
+        return {"key": b.node("BitwiseAnd", [packed, self._nib[0]], f"{hint}_key"),
+                "value": b.node("BitShift", [packed, self._nib[1]], f"{hint}_value", direction="RIGHT")}
 
     def past_kv(self, b: GraphBuilder, layer: int) -> tuple[str, str]:
-        # flattened into the decoder's Concat(past, new) by _flatten_concats
+        # [1, E, P] each; flattened into the decoder's Concat(past, new) by _flatten_concats
         return tuple(b.node("Concat", self._past[kind][layer], f"{_IN}/past_{kind}_{layer}", axis=2)
                      for kind in KINDS)
 
@@ -246,8 +334,8 @@ class TieredKVAdapter:
     def emit_outputs(self, b: GraphBuilder, layer: int, k_new: str, v_new: str,
                      k_all: str, v_all: str, attn_probs: str) -> None:
         c = b.config
-        self._new["key"].append(k_new)
-        self._new["value"].append(v_new)
+        self._rows["key"].append(k_new)  # [1, E, S] (keys_transposed / values_transposed)
+        self._rows["value"].append(v_new)
         # use the [B, KV, G, S, T] softmax output feeding the [B, H, S, T] Reshape when present
         src = attn_probs
         for n in b.nodes:
@@ -256,8 +344,9 @@ class TieredKVAdapter:
         self._probs.append(src)
         if layer != c.n_layers - 1:
             return
-        new = b.node("Concat", self._new["key"] + self._new["value"], "kv_new_tmp", axis=0)
-        b.add_output(b.rename(new, NEW_KV), FLOAT, [2 * c.n_layers, c.n_kv_heads, "sequence_length", c.head_size])
+        # [1, 2L*E, S] == [2L, E, S]: the channel-major L0 layout (S new columns)
+        new = b.node("Concat", self._rows["key"] + self._rows["value"], "kv_new_tmp", axis=1)
+        b.add_output(b.rename(new, NEW_KV), FLOAT, [1, 2 * c.n_layers * c.n_kv_heads * c.head_size, "sequence_length"])
         total = b.node("Sum", self._probs, "kv/probs_sum") if len(self._probs) > 1 else self._probs[0]
         rank = 5 if src != attn_probs else 4
         mass = b.node("ReduceSum", [total, b.const_i64(list(range(rank - 1)), "mass_axes")],
@@ -306,6 +395,8 @@ def build_tiered_decoder(weights, layout: GraphLayout | None = None, **kw) -> on
     m = build_decoder(weights, TieredKVAdapter(layout or GraphLayout()), name="llama2c_decoder_tiered",
                       check=False, **kw)
     _flatten_concats(m.graph)
+    c = (layout or GraphLayout(), weights.config)
+    onnx.helper.set_model_props(m, {DIMS_KEY: f"{c[1].n_layers},{c[1].n_kv_heads},{c[1].head_size}"})
     if check:
         onnx.checker.check_model(m, full_check=True)
     return m
@@ -351,29 +442,23 @@ def write_tiered_graph(weights_or_checkpoint, out_dir: str | Path,
 
 
 def _dims(m: onnx.ModelProto) -> tuple[int, int, int]:
-    """(L, KV, D) of a tiered graph, read from its kv.l0.key input and a Reshape constant."""
-    for inp in m.graph.input:
-        if inp.name == l0_name("key"):
-            d = inp.type.tensor_type.shape.dim
-            L, E = int(d[1].dim_value), int(d[2].dim_value)
-            break
-    else:
-        raise ValueError("not a tiered graph: no kv.l0.key input")
-    for t in m.graph.initializer:
-        if t.name.startswith("kv_l0_4d"):
-            v = onnx.numpy_helper.to_array(t).tolist()
-            return L, int(v[2]), int(v[3])
-    raise ValueError("tiered graph of an older converter (no kv_l0_4d); re-convert the model")
+    """(L, KV, D) of a tiered graph, from its metadata."""
+    for p in m.metadata_props:
+        if p.key == DIMS_KEY:
+            L, KV, D = (int(x) for x in p.value.split(","))
+            return L, KV, D
+    raise ValueError("tiered graph of an older converter (no kv dims metadata); re-convert the model")
 
 
 def ensure_graph(folder: str | Path, layout: GraphLayout) -> Path:
     """Path of the tiered graph for ``layout`` in ``folder``; a missing variant is derived
     from ``model_tiered.onnx`` by rebuilding only the adapter's input stage (the nodes
-    named ``kv/in/...``, whose per-layer outputs keep their names) and cached next to it.
+    named ``kv/in/...``) and cached next to it.
 
     Raises:
         FileNotFoundError: ``folder`` has no ``model_tiered.onnx``.
-        ValueError: the layout's groups do not fit the model's heads.
+        ValueError: the layout's groups do not fit the model's heads, or the base graph
+            is of an older converter.
     """
     folder = Path(folder)
     p = folder / layout.file_name()
@@ -385,30 +470,32 @@ def ensure_graph(folder: str | Path, layout: GraphLayout) -> Path:
     m = onnx.load(str(base))
     L, KV, D = _dims(m)
     g = m.graph
+    stage = [n for n in g.node if n.name.startswith(f"/{_IN}/")]
+    stage_out = {o for n in stage for o in n.output}
     keep = [n for n in g.node if not n.name.startswith(f"/{_IN}/")]
     used = {x for n in keep for x in n.input}
     b = GraphBuilder(SimpleNamespace(n_layers=L, n_kv_heads=KV, head_size=D), "adapter")
     b._names.update(n.name for n in keep)
     b._names.update(o for n in keep for o in n.output)
     b._names.update(t.name for t in g.initializer if t.name in used)
-    b._names.update(i.name for i in g.input if not i.name.startswith("kv.l"))
+    b._names.update(i.name for i in g.input if not i.name.startswith("kv."))
     ad = TieredKVAdapter(layout)
     ad.declare_inputs(b)
-    tier_out = re.compile(rf"^{_IN}/(key|value)/l\d(?:_(\d+))?$")
+    concat_out = re.compile(r"^layers\.(\d+)/(k|v)_all")
     for n in keep:  # the decoder's Concat(past tiers..., new): swap in the new tiers
-        hits = [tier_out.match(x) for x in n.input]
-        if not any(hits):
+        if n.op_type != "Concat" or not any(x in stage_out for x in n.input):
             continue
-        first = next(h for h in hits if h)
-        kind, layer = first.group(1), int(first.group(2) or 0)
-        k = hits.index(first)
-        rest = [x for x, h in zip(n.input, hits) if not h]
+        hit = concat_out.match(n.output[0])
+        if hit is None:  # e.g. past_len: the rebuilt stage gives it the same name
+            continue
+        kind, layer = ("key" if hit.group(2) == "k" else "value"), int(hit.group(1))
+        rest = [x for x in n.input if x not in stage_out]
         del n.input[:]
-        n.input.extend(rest[:k] + ad._past[kind][layer] + rest[k:])
+        n.input.extend(ad._past[kind][layer] + rest)
     del g.node[:]
     g.node.extend(b.nodes + keep)  # the adapter stage only reads graph inputs
-    inputs = [i for i in g.input if not i.name.startswith("kv.l")]
-    pos = [k for k, i in enumerate(g.input) if i.name.startswith("kv.l")][0]
+    inputs = [i for i in g.input if not i.name.startswith("kv.")]
+    pos = [k for k, i in enumerate(g.input) if i.name.startswith("kv.")][0]
     del g.input[:]
     g.input.extend(inputs[:pos] + b.inputs + inputs[pos:])
     inits = [t for t in g.initializer if t.name in used] + b.initializers
@@ -422,6 +509,7 @@ def ensure_graph(folder: str | Path, layout: GraphLayout) -> Path:
 
 
 __all__ = [
-    "ATTN_MASS", "LEVEL_BITS", "NEW_KV", "TIERED_FILE", "GraphLayout", "TieredKVAdapter",
-    "build_tiered_decoder", "ensure_graph", "input_names", "l0_name", "write_tiered_graph",
+    "ATTN_MASS", "L0", "L2_CODES", "L2_ZERO", "LEVEL_BITS", "NEW_KV", "TIERED_FILE", "GraphLayout",
+    "TieredKVAdapter", "build_tiered_decoder", "ensure_graph", "input_names", "l0_name",
+    "split_before_dequant", "write_tiered_graph",
 ]

@@ -14,21 +14,33 @@ budget) with H2O accumulated attention mass as importance
 (:mod:`lemonade_inferos.kv.importance`); levels only deepen.
 
 Storage (all resident KV bytes; ``stats()`` sums the ``nbytes`` of exactly these arrays
-as presented to the graph — the L0 buffer has up to ``block_len`` spare rows of capacity
-not counted; the per-token importance array, 8 bytes/token, is bookkeeping, not counted):
+as presented to the graph, except the L0 buffer's spare capacity: its unused columns
+(up to ``block_len`` beyond ``sink_tokens + recent_window`` in steady state, presented to
+the graph but masked out by :meth:`TieredKVCache.attention_mask`) are not counted; the
+per-token importance arrays, 12 bytes/token of L0 capacity, are bookkeeping, not counted):
 
-* L0: ``kv.l0.key`` / ``kv.l0.value`` float16 ``[N0, L, E]`` (E = kv_heads*head_dim),
-  2 bytes/element.
-* L1: codes uint8; keys per-channel (KIVI) groups of ``key_group`` tokens, values
-  per-token groups of ``value_group`` channels; one float16 scale + one uint8 zero point
-  per group. Bytes/element = 1 + 3/group (8.75 bits at group 32).
-* L2: the same with 4-bit codes and 4-bit zero points, two per byte: 0.5 + 2.5/group
-  bytes (4.625 bits at group 32).
+* L0: ``kv.l0`` float16 ``[2L, E, C]`` (E = kv_heads*head_dim; channel-major: the keys of
+  every layer then the values, token j in column j, so a new token is one column and the
+  graph needs no Transpose), 2 bytes/element for the N0 used columns.
+* L1: codes uint8 (1 byte/element); keys per-channel (KIVI) groups of ``key_group``
+  tokens, values per-token groups of ``value_group`` channels; one float16 scale + one
+  uint8 zero point per group. Bytes/element = 1 + 3/group (8.75 bits at group 32).
+* L2: 4-bit codes, the key code and the value code of the same (layer, channel, token)
+  sharing one byte (0.5 byte/element); one float16 scale + one 4-bit zero point per group,
+  zero points two per byte (key/value pairs when the group sizes match, else split-half
+  per layer): 0.5 + 2.5/group bytes/element (4.625 bits at group 32).
 
-Array layouts (head-major ``[L, KV, N, D]`` codes, split-half INT4 packing) are those of
-the graph inputs, documented in :mod:`lemonade_inferos.kv.graph`; the store holds exactly
-those numpy arrays (no other copy) and binds them as they are. Only the levels a
-configuration can assign (:attr:`StoreConfig.levels`) exist as graph inputs.
+Array layouts (channel-major ``[L, E, N]`` codes, tokens innermost, so a block of tokens
+is a slice of the last axis) are those of the graph inputs, documented in
+:mod:`lemonade_inferos.kv.graph`; the store holds exactly those numpy arrays (no other
+copy) and binds them as they are. Only the
+levels a configuration can assign (:attr:`StoreConfig.levels`) exist as graph inputs.
+Re-tiering rebuilds a tier's codes and scales block-wise in that layout (kept blocks are
+slices, new blocks are appended); only the packed INT4 zero points and INT8->INT4
+re-quantized blocks go through the unpacked "canonical" form.
+
+The engine keeps one IOBinding per request and binds only :meth:`TieredKVCache.step_inputs`
+each step: ``kv.l0`` plus the tier arrays when re-tiering replaced them.
 
 Configurations beyond the policy (baselines for benchmarks) are :class:`StoreConfig`\\ s;
 :func:`store_for_scheme` builds the named ones (``fp16``, ``q8_0``, ``q4_0``,
@@ -45,7 +57,7 @@ import numpy as np
 from ..model.spec import DecoderSpec
 from ..types import KVStats
 from .base import KVCache
-from .graph import ATTN_MASS, LEVEL_BITS, NEW_KV, GraphLayout, ensure_graph, input_names, l0_name
+from .graph import ATTN_MASS, L0, L2_CODES, L2_ZERO, LEVEL_BITS, NEW_KV, GraphLayout, ensure_graph, input_names
 from .importance import block_mass, block_mass_mean, fallback_scores
 from .quantize import dequantize, quantize, stored_nbytes
 from .tiers import MODES, assign_levels
@@ -193,7 +205,8 @@ def _as_array(v: object) -> np.ndarray:
 def pack_half(x: np.ndarray) -> np.ndarray:
     """Split-half INT4 packing of uint8 values in ``[0, 16)`` (even count): flat byte ``i``
     holds value ``i`` in the low nibble and value ``i + n/2`` in the high nibble, so the
-    graph unpacks with one ``BitwiseAnd``, one ``BitShift`` and a ``Concat`` of the halves.
+    graph unpacks with one ``BitwiseAnd``, one ``BitShift`` and a ``Concat`` of the halves
+    (used per layer for INT4 zero points when key and value group sizes differ).
     Returns a 1-D uint8 array of ``n/2`` bytes."""
     f = np.ascontiguousarray(x, dtype=np.uint8).reshape(-1)
     h = f.size // 2
@@ -207,20 +220,18 @@ def unpack_half(p: np.ndarray) -> np.ndarray:
 
 
 class _Tier:
-    """One quantized tier (level 1 INT8 or 2 INT4): per kind, the three graph inputs in
-    the layout of :mod:`lemonade_inferos.kv.graph` (``codes``, ``scale``, ``zero``; codes
-    and zero points split-half packed at INT4); ``blocks`` the block ids in slot order
-    (slot ``s`` = tier tokens ``s*block_len ... (s+1)*block_len - 1``)."""
+    """One quantized tier (level 1 INT8 or 2 INT4): ``arrays`` holds its graph inputs by
+    name, in the layout of :mod:`lemonade_inferos.kv.graph` (nothing else is kept);
+    ``blocks`` the block ids in slot order (slot ``s`` = tier tokens
+    ``s*block_len ... (s+1)*block_len - 1``)."""
 
     def __init__(self, level: int):
         self.level, self.bits = level, LEVEL_BITS[level]
         self.blocks: list[int] = []
-        self.codes: dict[str, np.ndarray] = {}
-        self.scale: dict[str, np.ndarray] = {}
-        self.zero: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, np.ndarray] = {}
 
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for d in (self.codes, self.scale, self.zero) for a in d.values()))
+        return int(sum(a.nbytes for a in self.arrays.values()))
 
 
 class TieredKVCache(KVCache):
@@ -257,34 +268,44 @@ class TieredKVCache(KVCache):
         self._levels = np.zeros(0, np.int8)
         self._knorm = np.zeros(0, np.float64)
         self._evicted_tokens = 0
-        self._alloc_l0(c.sink_tokens + c.recent_window + 2 * c.block_len)
+        self._alloc_l0(self._l0_cap(0))
+        self._mask = np.ones((1, self._cap + 1), np.int64)
         self._modes = {k: c.layout.grouping(k, self.D) for k in ("key", "value")}
         self._tiers = {1: _Tier(1), 2: _Tier(2)}
         for t in self._tiers.values():
-            for k in ("key", "value"):
-                t.codes[k], t.scale[k], t.zero[k] = self._to_graph(k, *self._empty_canonical(k), t.bits)
+            t.arrays = self._to_graph(t.level, {k: self._empty_canonical(k) for k in ("key", "value")})
         self._q_tok = np.zeros(0, np.int64)  # logical position per quantized slot (L1 then L2)
         self._acc_q = np.zeros(0, np.float32)
         self._tier_inputs: dict[str, object] = {}
+        self._tier_dirty = True
         self._refresh_tier_inputs()
         self._level_bytes = self._block_level_bytes()
         self._outs = [NEW_KV, ATTN_MASS]
 
     # ------------------------------------------------------------------ buffers
     def _alloc_l0(self, cap: int) -> None:
+        """(Re)allocate the channel-major L0 buffer ``[2L, E, cap]`` float16 (the graph
+        input ``kv.l0``; columns ``n0..cap-1`` are spare, masked out by
+        :meth:`attention_mask`)."""
         old = getattr(self, "_l0", None)
         n = self._n0
-        new = {k: np.zeros((cap, self.L, self.E), np.float16) for k in ("key", "value")}
+        buf = np.zeros((2 * self.L, self.E, cap), np.float16)
         acc = np.zeros(cap, np.float32)
         tok = np.zeros(cap, np.int64)
         if old is not None and n:
-            for k in new:
-                new[k][:n] = old[k][:n]
+            buf[:, :, :n] = self._l0buf[:, :, :n]
             acc[:n] = self._acc0[:n]
             tok[:n] = self._l0_tok[:n]
-        self._l0, self._acc0, self._l0_tok = new, acc, tok
-        self._l0_4d = {k: v.reshape(cap, self.L, self.KV, self.D) for k, v in new.items()}
+        self._l0buf, self._acc0, self._l0_tok = buf, acc, tok
+        # [cap, L, E] (token, layer, channel) views of the keys / values
+        self._l0 = {"key": buf[: self.L].transpose(2, 0, 1), "value": buf[self.L:].transpose(2, 0, 1)}
         self._cap = cap
+
+    def _l0_cap(self, n0: int) -> int:
+        """L0 capacity for ``n0`` resident tokens: room for the tokens that accumulate
+        until the next block forms (then re-tiering compacts L0)."""
+        c = self.config
+        return max(n0, c.sink_tokens + c.recent_window) + c.block_len
 
     def _block_level_bytes(self) -> list[int]:
         c, L, E, bl = self.config, self.L, self.E, self.config.block_len
@@ -300,18 +321,42 @@ class TieredKVCache(KVCache):
     # ------------------------------------------------------------------ KVCache API
     @property
     def past_length(self) -> int:
-        return self._n0 + sum(len(t.blocks) for t in self._tiers.values()) * self.config.block_len
+        """Key positions presented: the L0 capacity (``n0`` tokens + masked spare
+        columns) + the quantized tiers' tokens."""
+        return self._cap + self._nq()
+
+    def _nq(self) -> int:
+        """Tokens held by the quantized tiers."""
+        return self._q_tok.size
+
+    def attention_mask(self, new_tokens: int) -> np.ndarray:
+        """int64 ``[1, past_length + new_tokens]``: 0 for the spare L0 columns, else 1."""
+        cap, n0 = self._cap, self._n0
+        total = cap + self._nq() + int(new_tokens)
+        if self._mask.shape[1] < total:
+            self._mask = np.ones((1, total + self.config.block_len), np.int64)
+        m = self._mask
+        m[0, :n0] = 1
+        m[0, n0:cap] = 0
+        m[0, cap:total] = 1
+        return m[:, :total]
 
     @property
     def seq_length(self) -> int:
         return self._seq
 
     def past_inputs(self) -> Mapping[str, object]:
-        n = self._n0
+        self._tier_dirty = False
         d = dict(self._tier_inputs)
-        d[l0_name("key")] = self._l0["key"][:n]
-        d[l0_name("value")] = self._l0["value"][:n]
+        d[L0] = self._l0buf
         return d
+
+    def step_inputs(self) -> Mapping[str, object]:
+        """``kv.l0`` (every step) plus the tier arrays when re-tiering replaced them since
+        the last :meth:`past_inputs` / :meth:`step_inputs`."""
+        if self._tier_dirty:
+            return self.past_inputs()
+        return {L0: self._l0buf}
 
     def output_names(self) -> list[str]:
         return self._outs
@@ -325,21 +370,21 @@ class TieredKVCache(KVCache):
         """
         S = int(new_tokens)
         new = _as_array(outputs[NEW_KV])
-        if new.shape != (2 * self.L, self.KV, S, self.D):
-            raise ValueError(f"{NEW_KV} has shape {new.shape}, expected {(2 * self.L, self.KV, S, self.D)}")
-        n0 = self._n0
-        if n0 + S > self._cap:
-            self._alloc_l0(n0 + S + self.config.block_len)
+        if new.shape != (1, 2 * self.L * self.E, S):
+            raise ValueError(f"{NEW_KV} has shape {new.shape}, expected {(1, 2 * self.L * self.E, S)}")
+        n0, cap = self._n0, self._cap  # as presented to the run
         P = self.past_length
-        self._l0_4d["key"][n0:n0 + S] = new[: self.L].transpose(2, 0, 1, 3)
-        self._l0_4d["value"][n0:n0 + S] = new[self.L:].transpose(2, 0, 1, 3)
         mass = outputs.get(ATTN_MASS) if hasattr(outputs, "get") else None
-        if mass is not None:
+        if mass is not None:  # graph order: L0 columns (n0 used of cap), quantized, new
             mass = _as_array(mass)
             self._acc0[:n0] += mass[:n0]
+            if P > cap:
+                self._acc_q += mass[cap:P]
+        if n0 + S > self._cap:
+            self._alloc_l0(self._l0_cap(n0 + S))
+        if mass is not None:
             self._acc0[n0:n0 + S] = mass[P:P + S]
-            if P > n0:
-                self._acc_q += mass[n0:P]
+        self._l0buf[:, :, n0:n0 + S] = new.reshape(2 * self.L, self.E, S)
         self._l0_tok[n0:n0 + S] = np.arange(self._seq, self._seq + S)
         self._n0 = n0 + S
         self._seq += S
@@ -383,10 +428,11 @@ class TieredKVCache(KVCache):
             self._formed = nb
             self._levels = np.concatenate([self._levels, np.zeros(nb - first, np.int8)])
             kn = np.zeros(nb - first)
-            blk = self._block_of(self._l0_tok[: self._n0])
-            for j in range(first, nb):
-                rows = self._l0["key"][: self._n0][blk == j].astype(np.float32)
-                kn[j - first] = np.sqrt((rows.reshape(len(rows), -1, self.D) ** 2).sum(-1)).mean() if len(rows) else 0
+            if c.importance == "recency_norm":  # mean key norm per block (fallback score)
+                blk = self._block_of(self._l0_tok[: self._n0])
+                for j in range(first, nb):
+                    rows = self._l0["key"][: self._n0][blk == j].astype(np.float32)
+                    kn[j - first] = np.sqrt((rows.reshape(len(rows), -1, self.D) ** 2).sum(-1)).mean() if len(rows) else 0
             self._knorm = np.concatenate([self._knorm, kn])
         imp = self._importance(nb)
         if c.uniform_level is not None and c.mode != "disabled":
@@ -424,35 +470,100 @@ class TieredKVCache(KVCache):
         return (np.zeros((self.L, 0, self.E), np.uint8), np.zeros((self.L, 0, w), np.float16),
                 np.zeros((self.L, 0, w), np.uint8))
 
-    def _to_graph(self, kind: str, codes, scale, zero, bits: int):
-        """Canonical -> graph layout (head-major unless per-token groups span heads)."""
-        mode, _ = self._modes[kind]
-        L, N, KV, D = self.L, codes.shape[1], self.KV, self.D
-        if mode != "row":
-            codes = codes.reshape(L, N, KV, D).transpose(0, 2, 1, 3)
-            w = scale.shape[2] // KV
-            scale = scale.reshape(L, scale.shape[1], KV, w).transpose(0, 2, 1, 3)
-            zero = zero.reshape(L, zero.shape[1], KV, w).transpose(0, 2, 1, 3)
-        codes, scale, zero = (np.ascontiguousarray(a) for a in (codes, scale, zero))
-        if bits == 4:
-            codes, zero = pack_half(codes), pack_half(zero)
-        return codes, scale, zero
+    def _meta_graph_shape(self, kind: str, N: int) -> tuple[int, ...]:
+        """Graph shape of a tier's scale/zero for ``N`` tokens: flat ``[L*E*N/g]`` rows
+        ``(l, e, n/g)`` (per-channel keys) or ``[L, E/g, N]`` (per-token groups)."""
+        mode, g = self._modes[kind]
+        if mode == "channel":
+            return (self.L * self.E * (N // g),)
+        return (self.L, self.E // g, N)
+
+    def _to_graph(self, level: int, canon: dict[str, tuple]) -> dict[str, np.ndarray]:
+        """Canonical (per kind) -> the tier's graph inputs by name: codes ``[L, E, N]``
+        (INT4: key codes in the low nibble, value codes in the high nibble of one byte),
+        scales/zero points transposed the same way (see :meth:`_meta_graph_shape`)."""
+        out: dict[str, np.ndarray] = {}
+        g_codes, g_zero = {}, {}
+        for kind, (codes, scale, zero) in canon.items():
+            qn, sn, zn = input_names(level, kind)
+            N = codes.shape[1]
+            shape = self._meta_graph_shape(kind, N)
+            g_codes[kind] = np.ascontiguousarray(codes.transpose(0, 2, 1))
+            out[sn] = np.ascontiguousarray(scale.transpose(0, 2, 1)).reshape(shape)
+            g_zero[kind] = np.ascontiguousarray(zero.transpose(0, 2, 1)).reshape(shape)
+        if level == 1:
+            for kind in canon:
+                qn, sn, zn = input_names(level, kind)
+                out[qn], out[zn] = g_codes[kind], g_zero[kind]
+            return out
+        out[L2_CODES] = g_codes["key"] | (g_codes["value"] << 4)
+        out.update(self._pack_zeros(g_zero))
+        return out
+
+    def _pack_zeros(self, g_zero: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """INT4 zero points in graph order (per kind) -> the level-2 zero input(s)."""
+        if self.config.layout.paired_zero():
+            return {L2_ZERO: g_zero["key"].reshape(-1) | (g_zero["value"].reshape(-1) << 4)}
+        return {input_names(2, kind)[2]: np.stack([pack_half(r) for r in z.reshape(self.L, -1)])
+                for kind, z in g_zero.items()}
+
+    def _zero_canonical(self, tier: _Tier, kind: str) -> np.ndarray:
+        """Canonical zero points of ``kind`` of a level-2 tier (uint8, unpacked)."""
+        mode, g = self._modes[kind]
+        N = len(tier.blocks) * self.config.block_len
+        shape = (self.L, self.E, N // g) if mode == "channel" else (self.L, self.E // g, N)
+        a = tier.arrays
+        if L2_ZERO in a:
+            z = a[L2_ZERO] & 0x0F if kind == "key" else a[L2_ZERO] >> 4
+        else:
+            z = np.stack([unpack_half(r) for r in a[input_names(2, kind)[2]]])
+        return z.reshape(shape).transpose(0, 2, 1)
+
+    def _block_view(self, level: int, name: str, arr: np.ndarray, nb: int) -> np.ndarray | None:
+        """``arr`` (a tier input holding ``nb`` blocks) viewed as ``[a, b, nb, units]`` with
+        one block per index of axis 2, or None for level-2 zero points (packed across
+        blocks; rebuilt from canonical form)."""
+        L, E, bl = self.L, self.E, self.config.block_len
+        if name == L2_CODES:
+            return arr.reshape(L, E, nb, bl)
+        for kind in ("key", "value"):
+            qn, sn, zn = input_names(level, kind)
+            if name == qn:
+                return arr.reshape(L, E, nb, bl)
+            if name == sn or (name == zn and level == 1):
+                mode, g = self._modes[kind]
+                return arr.reshape(L, E, nb, bl // g) if mode == "channel" else arr.reshape(L, E // g, nb, bl)
+        return None
+
+    def _graph_shape(self, level: int, name: str, N: int) -> tuple[int, ...]:
+        if name == L2_CODES:
+            return (self.L, self.E, N)
+        for kind in ("key", "value"):
+            qn, sn, zn = input_names(level, kind)
+            if name == qn:
+                return (self.L, self.E, N)
+            if name in (sn, zn):
+                return self._meta_graph_shape(kind, N)
+        raise KeyError(name)
 
     def _canonical(self, tier: _Tier, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Graph layout of ``tier`` -> canonical (unpacked) arrays."""
-        mode, _ = self._modes[kind]
-        L, KV, D, E = self.L, self.KV, self.D, self.E
+        """Graph layout of ``tier`` -> canonical (unpacked) arrays of ``kind``."""
+        mode, g = self._modes[kind]
+        L, E = self.L, self.E
         N = len(tier.blocks) * self.config.block_len
-        codes, scale, zero = tier.codes[kind], tier.scale[kind], tier.zero[kind]
-        if tier.bits == 4:
-            codes, zero = unpack_half(codes), unpack_half(zero).reshape(scale.shape)
-        if mode == "row":
-            return codes.reshape(L, N, E), scale, zero
-        codes = codes.reshape(L, KV, N, D).transpose(0, 2, 1, 3).reshape(L, N, E)
-        w = KV * scale.shape[3]
-        scale = scale.transpose(0, 2, 1, 3).reshape(L, scale.shape[2], w)
-        zero = zero.transpose(0, 2, 1, 3).reshape(L, zero.shape[2], w)
-        return codes, scale, zero
+        a = tier.arrays
+        qn, sn, zn = input_names(tier.level, kind)
+        shape = (L, E, N // g) if mode == "channel" else (L, E // g, N)
+        scale = a[sn].reshape(shape)
+        if tier.bits == 8:
+            codes, zero = a[qn], a[zn].reshape(shape)
+        else:
+            nib = (lambda x: x & 0x0F) if kind == "key" else (lambda x: x >> 4)
+            codes = nib(a[L2_CODES])
+            zero = nib(a[L2_ZERO]) if L2_ZERO in a else np.stack([unpack_half(r) for r in a[zn]])
+            zero = zero.reshape(shape)
+        t = (0, 2, 1)
+        return codes.transpose(t), scale.transpose(t), zero.transpose(t)
 
     def _quantize_block(self, rows: dict[str, np.ndarray], bits: int) -> dict[str, tuple]:
         """rows[kind]: float ``[bl, L, E]`` -> canonical (codes [L, bl, E], scale, zero)."""
@@ -486,7 +597,6 @@ class TieredKVCache(KVCache):
         n0 = self._n0
         blk = self._block_of(self._l0_tok[:n0])
         kinds = ("key", "value")
-        canon = {lv: {k: self._canonical(t, k) for k in kinds} for lv, t in self._tiers.items() if t.blocks}
         new_pieces: dict[int, list[tuple[int, dict]]] = {1: [], 2: []}
         # blocks leaving L0
         for b in np.nonzero((old == 0) & (target > 0))[0]:
@@ -497,30 +607,43 @@ class TieredKVCache(KVCache):
             new_pieces[int(target[b])].append((int(b), self._quantize_block(rows, LEVEL_BITS[int(target[b])])))
         # INT8 -> INT4 re-quantization
         t1 = self._tiers[1]
-        for slot, b in enumerate(t1.blocks):
-            if target[b] == 2:
-                new_pieces[2].append((b, self._quantize_block(self._dequant_block(canon[1], slot), 4)))
-        # rebuild the quantized tiers: kept blocks in slot order, then new ones
+        if any(target[b] == 2 for b in t1.blocks):
+            canon1 = {k: self._canonical(t1, k) for k in kinds}
+            for slot, b in enumerate(t1.blocks):
+                if target[b] == 2:
+                    new_pieces[2].append((b, self._quantize_block(self._dequant_block(canon1, slot), 4)))
+        # rebuild the quantized tiers in graph layout: kept blocks in slot order, then new
+        # ones (codes and scales block by block; INT4 zero points via canonical form)
         for level in (1, 2):
             tier = self._tiers[level]
+            nb = len(tier.blocks)
             keep = [(slot, b) for slot, b in enumerate(tier.blocks) if target[b] == level]
-            if len(keep) == len(tier.blocks) and not new_pieces[level]:
+            if len(keep) == nb and not new_pieces[level]:
                 continue
-            for kind in kinds:
-                m = self._meta_rows(kind)
-                parts: list[list[np.ndarray]] = [[], [], []]
-                if keep:
-                    codes, scale, zero = canon[level][kind]
-                    for slot, _ in keep:
-                        parts[0].append(codes[:, slot * bl:(slot + 1) * bl])
-                        parts[1].append(scale[:, slot * m:(slot + 1) * m])
-                        parts[2].append(zero[:, slot * m:(slot + 1) * m])
-                for _, piece in new_pieces[level]:
-                    for lst, a in zip(parts, piece[kind]):
-                        lst.append(a)
-                empty = self._empty_canonical(kind)
-                arrs = [np.concatenate(p, axis=1) if p else e for p, e in zip(parts, empty)]
-                tier.codes[kind], tier.scale[kind], tier.zero[kind] = self._to_graph(kind, *arrs, tier.bits)
+            slots = [slot for slot, _ in keep]
+            n_new = (len(keep) + len(new_pieces[level])) * bl
+            pieces = [self._to_graph(level, piece) for _, piece in new_pieces[level]]
+            arrays: dict[str, np.ndarray] = {}
+            for name, arr in tier.arrays.items():
+                v = self._block_view(level, name, arr, nb)
+                if v is None:
+                    continue
+                chunks = [v if len(keep) == nb else v[:, :, slots]] if keep else []
+                chunks += [self._block_view(level, name, pg[name], 1) for pg in pieces]
+                cat = np.concatenate(chunks, axis=2) if chunks else v[:, :, :0]
+                arrays[name] = cat.reshape(self._graph_shape(level, name, n_new))
+            if level == 2:
+                g_zero = {}
+                for kind in kinds:
+                    m = self._meta_rows(kind)
+                    z = self._zero_canonical(tier, kind) if keep else None
+                    parts = [z[:, s * m:(s + 1) * m] for s in slots] if keep else []
+                    parts += [piece[kind][2] for _, piece in new_pieces[level]]
+                    zc = np.concatenate(parts, axis=1) if parts else self._empty_canonical(kind)[2]
+                    g_zero[kind] = np.ascontiguousarray(zc.transpose(0, 2, 1)).reshape(
+                        self._meta_graph_shape(kind, n_new))
+                arrays.update(self._pack_zeros(g_zero))
+            tier.arrays = arrays
             tier.blocks = [b for _, b in keep] + [b for b, _ in new_pieces[level]]
         self._evicted_tokens += int(((target == 3) & (old != 3)).sum()) * bl
         self._levels = target.astype(np.int8)
@@ -529,14 +652,12 @@ class TieredKVCache(KVCache):
         keep_idx = np.nonzero(lv == 0)[0]
         k = keep_idx.size
         if k != n0:
-            for kind in kinds:
-                self._l0[kind][:k] = self._l0[kind][keep_idx]
+            self._l0buf[:, :, :k] = self._l0buf[:, :, keep_idx]
             self._acc0[:k] = self._acc0[keep_idx]
             self._l0_tok[:k] = self._l0_tok[keep_idx]
             self._n0 = k
-            want = k + c.recent_window + 2 * bl
-            if self._cap > 2 * want:
-                self._alloc_l0(want)
+            if self._cap > self._l0_cap(k) + bl:
+                self._alloc_l0(self._l0_cap(k))
         self._q_tok = np.concatenate(
             [np.arange(c.sink_tokens + b * bl, c.sink_tokens + (b + 1) * bl) for t in (1, 2) for b in self._tiers[t].blocks]
             or [np.zeros(0, np.int64)]).astype(np.int64)
@@ -546,12 +667,10 @@ class TieredKVCache(KVCache):
     def _refresh_tier_inputs(self) -> None:
         d: dict[str, object] = {}
         for level, tier in self._tiers.items():
-            if level not in self.config.levels:
-                continue
-            for kind in ("key", "value"):
-                qn, sn, zn = input_names(level, kind)
-                d[qn], d[sn], d[zn] = tier.codes[kind], tier.scale[kind], tier.zero[kind]
+            if level in self.config.levels:
+                d.update(tier.arrays)
         self._tier_inputs = d
+        self._tier_dirty = True
 
     # ------------------------------------------------------------------ statistics
     def total_bytes(self) -> int:

@@ -237,7 +237,15 @@ class KVGraphAdapter(Protocol):
         """Add the graph inputs the adapter needs (``b.add_input``) and any shared nodes."""
 
     def past_kv(self, b: GraphBuilder, layer: int) -> tuple[str, str]:
-        """Names of float32 ``[B, KV, P, D]`` tensors: past K (after RoPE) and past V."""
+        """Names of float32 ``[B, KV, P, D]`` tensors: past K (after RoPE) and past V.
+
+        An adapter with a true attribute ``keys_transposed`` returns past K channel-major
+        as ``[B, KV*D, P]`` instead (channel ``e = head*D + d``; what the score MatMul
+        reads): the decoder then concatenates keys on axis 2 and skips the per-layer
+        Transpose of all keys. With a true ``values_transposed`` past V is
+        ``[B, KV*D, P]`` too and the context is computed as ``V^T @ probs^T`` (a
+        Transpose of the small probabilities instead).
+        """
 
     def past_length(self, b: GraphBuilder) -> str:
         """Name of an int64 1-D tensor of shape ``[1]`` holding P (may be 0)."""
@@ -247,8 +255,11 @@ class KVGraphAdapter(Protocol):
         """Declare this layer's cache outputs (``b.add_output``, ``b.rename``).
 
         Args:
-            k_new, v_new: float32 ``[B, KV, S, D]`` this step's K (after RoPE) / V.
-            k_all, v_all: float32 ``[B, KV, T, D]`` past then new (Concat on axis 2).
+            k_new, v_new: float32 ``[B, KV, S, D]`` this step's K (after RoPE) / V
+                (``[B, KV*D, S]`` for an adapter with ``keys_transposed`` /
+                ``values_transposed``).
+            k_all, v_all: float32 ``[B, KV, T, D]`` past then new (Concat on axis 2);
+                ``[B, KV*D, T]`` with ``keys_transposed`` / ``values_transposed``.
             attn_probs: float32 ``[B, H, S, T]`` softmax probabilities of this layer
                 (masked positions ~0). Computed lazily: the nodes producing it are pruned
                 unless the adapter makes it (or something derived) a graph output.
@@ -434,23 +445,50 @@ def build_decoder(weights: Llama2cWeights, adapter: KVGraphAdapter | None = None
         # q: [B,S,H*D] -> [B,KV,G,S,D]
         q = b.node("Reshape", [q, b.const_i64([0, 0, KV, G, D], "q5_shape")], f"{p}/q5")
         q = b.node("Transpose", [q], f"{p}/q", perm=[0, 2, 3, 1, 4])
-        # k/v: [B,S,KV*D] -> [B,KV,S,D]
-        kv_shape = b.const_i64([0, 0, KV, D], "kv4_shape")
-        k_new = b.node("Transpose", [b.node("Reshape", [k, kv_shape], f"{p}/k4")], f"{p}/k_new",
-                       perm=[0, 2, 1, 3])
-        v_new = b.node("Transpose", [b.node("Reshape", [v, kv_shape], f"{p}/v4")], f"{p}/v_new",
-                       perm=[0, 2, 1, 3])
         past_k, past_v = adapter.past_kv(b, i)
-        k_all = b.node("Concat", [past_k, k_new], f"{p}/k_all", axis=2)  # [B,KV,T,D]
-        v_all = b.node("Concat", [past_v, v_new], f"{p}/v_all", axis=2)
-        kt = b.node("Transpose", [k_all], f"{p}/k_t", perm=[0, 1, 3, 2])  # [B,KV,D,T]
-        kt = b.node("Unsqueeze", [kt, b.const_i64([2], "axis2")], f"{p}/k_t5")  # [B,KV,1,D,T]
-        v5 = b.node("Unsqueeze", [v_all, b.const_i64([2], "axis2")], f"{p}/v5")  # [B,KV,1,T,D]
+        kt_mode = getattr(adapter, "keys_transposed", False)  # past K is [B,KV*D,P]
+        vt = getattr(adapter, "values_transposed", False)  # past V is [B,KV*D,P]
+        kv_shape = b.const_i64([0, 0, KV, D], "kv4_shape")
+        kvt5 = b.const_i64([0, KV, 1, D, -1], "kvt5_shape")
+        if kt_mode:
+            k_new = b.node("Transpose", [k], f"{p}/k_new_t", perm=[0, 2, 1])  # [B,KV*D,S]
+            k_all = b.node("Concat", [past_k, k_new], f"{p}/k_all_t", axis=2)  # [B,KV*D,T]
+            kt = b.node("Reshape", [k_all, kvt5], f"{p}/k_t5")  # [B,KV,1,D,T]
+        else:
+            k_new = b.node("Transpose", [b.node("Reshape", [k, kv_shape], f"{p}/k4")], f"{p}/k_new",
+                           perm=[0, 2, 1, 3])
+            k_all = b.node("Concat", [past_k, k_new], f"{p}/k_all", axis=2)  # [B,KV,T,D]
+            kt = b.node("Transpose", [k_all], f"{p}/k_t", perm=[0, 1, 3, 2])  # [B,KV,D,T]
+            kt = b.node("Unsqueeze", [kt, b.const_i64([2], "axis2")], f"{p}/k_t5")  # [B,KV,1,D,T]
+        if vt:
+            v_new = b.node("Transpose", [v], f"{p}/v_new_t", perm=[0, 2, 1])  # [B,KV*D,S]
+            v_all = b.node("Concat", [past_v, v_new], f"{p}/v_all_t", axis=2)  # [B,KV*D,T]
+            v5 = b.node("Reshape", [v_all, kvt5], f"{p}/v5")  # [B,KV,1,D,T]
+        else:
+            v_new = b.node("Transpose", [b.node("Reshape", [v, kv_shape], f"{p}/v4")], f"{p}/v_new",
+                           perm=[0, 2, 1, 3])
+            v_all = b.node("Concat", [past_v, v_new], f"{p}/v_all", axis=2)  # [B,KV,T,D]
+            v5 = b.node("Unsqueeze", [v_all, b.const_i64([2], "axis2")], f"{p}/v5")  # [B,KV,1,T,D]
         scores = b.node("MatMul", [q, kt], f"{p}/scores")  # [B,KV,G,S,T] (scale folded in wq)
         scores = b.node("Add", [scores, mask], f"{p}/scores_masked")
         probs = b.node("Softmax", [scores], f"{p}/probs", axis=-1)
-        ctx = b.node("MatMul", [probs, v5], f"{p}/ctx")  # [B,KV,G,S,D]
-        ctx = b.node("Transpose", [ctx], f"{p}/ctx_t", perm=[0, 3, 1, 2, 4])  # [B,S,KV,G,D]
+        if vt and D >= 32:
+            # ctx^T = V^T @ probs^T with the G query heads of a KV head as G*S columns of one
+            # MatMul: [B,KV,D,T] @ [B,KV,T,G*S] reads V once (a broadcast [B,KV,G,..] MatMul
+            # would run G matrix-vector products of the whole V^T, each with one column)
+            v4t = b.node("Reshape", [v_all, b.const_i64([0, KV, D, -1], "kvt4_shape")], f"{p}/v4t")
+            pr = b.node("Transpose", [probs], f"{p}/probs_t", perm=[0, 1, 4, 2, 3])  # [B,KV,T,G,S]
+            pr = b.node("Reshape", [pr, b.const_i64([0, 0, 0, -1], "probs_gs")], f"{p}/probs_gs")
+            ctx = b.node("MatMul", [v4t, pr], f"{p}/ctx")  # [B,KV,D,G*S]
+            ctx = b.node("Reshape", [ctx, b.const_i64([0, KV, D, G, -1], "ctx_dgs")], f"{p}/ctx_dgs")
+            ctx = b.node("Transpose", [ctx], f"{p}/ctx_t", perm=[0, 4, 1, 3, 2])  # [B,S,KV,G,D]
+        elif vt:  # ctx^T = V^T @ probs^T: [B,KV,1,D,T] @ [B,KV,G,T,S] -> [B,KV,G,D,S]
+            probs_t = b.node("Transpose", [probs], f"{p}/probs_t", perm=[0, 1, 2, 4, 3])
+            ctx = b.node("MatMul", [v5, probs_t], f"{p}/ctx")
+            ctx = b.node("Transpose", [ctx], f"{p}/ctx_t", perm=[0, 4, 1, 2, 3])  # [B,S,KV,G,D]
+        else:
+            ctx = b.node("MatMul", [probs, v5], f"{p}/ctx")  # [B,KV,G,S,D]
+            ctx = b.node("Transpose", [ctx], f"{p}/ctx_t", perm=[0, 3, 1, 2, 4])  # [B,S,KV,G,D]
         ctx = b.node("Reshape", [ctx, b.const_i64([0, 0, H * D], "ctx_shape")], f"{p}/ctx_flat")
         attn = b.node("MatMul", [ctx, b.initializer(f"{p}.wo", m["wo"])], f"{p}/attn_out")
         x = b.node("Add", [x, attn], f"{p}/resid_attn")
