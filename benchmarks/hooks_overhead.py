@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from _common import code_state
+
 from lemonade_inferos.engine import Engine, GenerationConfig
 from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.model.embedded import embedded_model_dir
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(median of per-repeat pair ratios; target <= 2%: {'PASS' if ok else 'FAIL'})")
     print(f"engine vs bare ORT loop: {ratios['engine_vs_bare_overhead']:+.2%}")
     out = {"benchmark": "hooks_overhead", "tokens": args.tokens, "repeats": args.repeats,
-           "machine": machine_description(), "results": res, "ratios": ratios,
+           "machine": machine_description(), "code": code_state(), "results": res, "ratios": ratios,
            "postrun_reports": len(rec.reports)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
