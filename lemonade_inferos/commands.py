@@ -145,6 +145,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .policy import PolicyError
 
     console = Console()
+    if not console.is_terminal:  # piped or logged: rich would wrap at 80 columns
+        console = Console(width=110)
     prompts = DEMO_PROMPTS[: max(1, args.prompts)]
     with console.status("preparing the model (first run converts the embedded checkpoint)..."):
         try:
