@@ -121,3 +121,53 @@ def test_split_before_dequant_graph_matches_numpy_dequant(tmp_path, monkeypatch,
 
     m = onnx.load(str(dst / "model_tiered.onnx"))
     assert any(n.name.endswith("dq_4/DequantizeLinear") for n in m.graph.node)
+
+
+def test_high_nibble_dq_q_exact():
+    """The DequantizeLinear -> QuantizeLinear pair used for L2 value codes gives byte >> 4
+    for every byte value."""
+    from onnx import TensorProto, helper
+
+    from lemonade_inferos.kv.graph import TieredKVAdapter
+    from lemonade_inferos.model.export import GraphBuilder
+    from types import SimpleNamespace
+
+    b = GraphBuilder(SimpleNamespace(n_layers=1, n_kv_heads=1, head_size=2), "t")
+    ad = TieredKVAdapter()
+    ad._nib = (b.initializer("m", np.array(15, np.uint8)), b.initializer("s", np.array(4, np.uint8)))
+    x = b.add_input("x", TensorProto.UINT8, ["n"])
+    out = ad._nibbles(b, x, "t", fast_high=True)
+    b.add_output(out["value"], TensorProto.UINT8, ["n"])
+    b.add_output(out["key"], TensorProto.UINT8, ["n"])
+    g = helper.make_graph(b.nodes, "t", b.inputs, b.outputs, b.initializers)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    byte = np.arange(256, dtype=np.uint8)
+    hi, lo = s.run(None, {"x": byte})
+    assert np.array_equal(hi, byte >> 4) and np.array_equal(lo, byte & 15)
+
+
+def test_attn_mass_reduced_per_layer(spec):
+    """Each layer reduces its probabilities right away (ReduceSum next to the softmax) and
+    the next layer's key Concat depends on that reduction (so a prefill frees every
+    layer's [H, S, T] probabilities before the next layer); kv.attn_mass sums to
+    layers * heads * S (each query's probabilities sum to 1)."""
+    import onnx
+
+    from lemonade_inferos.kv.graph import ATTN_MASS
+
+    m = onnx.load(str(spec.folder / "model_tiered.onnx"), load_external_data=False)
+    red = [n for n in m.graph.node if n.op_type == "ReduceSum" and n.name.startswith("/kv/mass_")]
+    assert len(red) == spec.num_layers
+    deps = [n for n in m.graph.node if n.op_type == "Gather" and n.name.startswith("/kv/mass_dep_")]
+    assert len(deps) == spec.num_layers - 1
+    consumers = {i for n in m.graph.node if n.op_type == "Concat" for i in n.input}
+    assert all(d.output[0] in consumers for d in deps)
+    c = TieredKVCache(spec, None, StoreConfig(mode="disabled", sink_tokens=0, recent_window=0))
+    s = _sess(spec, c.graph_file)
+    S = 7
+    feeds = dict(input_ids=np.arange(1, S + 1, dtype=np.int64)[None], attention_mask=c.attention_mask(S).copy(),
+                 position_ids=np.arange(S, dtype=np.int64)[None], **c.past_inputs())
+    mass = s.run([ATTN_MASS], feeds)[0]
+    assert mass.shape == (c.past_length + S,)
+    assert abs(float(mass.sum()) - spec.num_layers * spec.num_heads * S) < 1e-3 * S

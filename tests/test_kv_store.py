@@ -91,3 +91,31 @@ def test_schemes_and_bad_config(spec):
         store_for_scheme("nope", spec)
     with pytest.raises(ValueError):
         TieredKVCache(spec, None, StoreConfig(block_len=15))
+
+
+def test_output_buffers_decode_matches(spec):
+    """Decode steps through the engine write kv.new / kv.attn_mass into the store's
+    buffers (KVCache.output_buffers); results equal the run without them."""
+    from lemonade_inferos.engine import Engine
+    from lemonade_inferos.ort_options import prime_run_options
+    from lemonade_inferos.plugins import get_plugin_manager
+    from lemonade_inferos.policy import load_policy
+
+    pol = load_policy("default")
+    eng = Engine(spec.folder, pm=get_plugin_manager(entry_points=False), policy=pol)
+    ro = prime_run_options(ort.RunOptions())
+    res = []
+    for bufs in (True, False):
+        c = TieredKVCache(spec, pol)
+        if not bufs:
+            c.output_buffers = lambda n: None
+        else:
+            assert c.output_buffers(4) is None and set(c.output_buffers(1)) == set(c.output_names())
+        sess = eng.session(c.graph_file, pol)
+        logits = [eng._run(sess, c, np.array([IDS[:40]], np.int64), 0, ro, True)]
+        for i, t in enumerate(IDS[40:]):
+            logits.append(eng._run(sess, c, np.array([[t]], np.int64), 40 + i, ro, True))
+        res.append((np.concatenate(logits), c.stats(), c._tok_mass.copy()))
+    assert np.array_equal(res[0][0], res[1][0])
+    assert res[0][1] == res[1][1]
+    assert np.array_equal(res[0][2], res[1][2])

@@ -73,6 +73,16 @@ class KVCache(abc.ABC):
     def output_names(self) -> list[str]:
         """Names of the graph outputs :meth:`update` needs (besides ``logits``)."""
 
+    def output_buffers(self, new_tokens: int) -> Mapping[str, np.ndarray] | None:
+        """Preallocated buffers for some of :meth:`output_names`, by name, for the next run
+        of ``new_tokens`` tokens, or None (default: the engine lets onnxruntime allocate
+        every output). Each array must be C-contiguous with exactly the output's dtype and
+        shape for that run; the engine binds it as the output's memory (no allocation, no
+        copy) and hands the same array to :meth:`update`. The arrays may be reused by the
+        cache on its next call (only valid until then). Meant for decode steps (small,
+        fixed-size outputs): a cache should not keep prefill-sized buffers alive."""
+        return None
+
     @abc.abstractmethod
     def update(self, outputs: Mapping[str, object], new_tokens: int) -> None:
         """Consume one run's outputs (numpy arrays or ``OrtValue``s by name).

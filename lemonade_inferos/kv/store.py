@@ -40,7 +40,9 @@ slices, new blocks are appended); only the packed INT4 zero points and INT8->INT
 re-quantized blocks go through the unpacked "canonical" form.
 
 The engine keeps one IOBinding per request and binds only :meth:`TieredKVCache.step_inputs`
-each step: ``kv.l0`` plus the tier arrays when re-tiering replaced them.
+each step: ``kv.l0`` plus the tier arrays when re-tiering replaced them. Decode steps write
+``kv.new`` and ``kv.attn_mass`` into two small buffers the store reuses
+(:meth:`TieredKVCache.output_buffers`), so no output is allocated or copied per step.
 
 Configurations beyond the policy (baselines for benchmarks) are :class:`StoreConfig`\\ s;
 :func:`store_for_scheme` builds the named ones (``fp16``, ``q8_0``, ``q4_0``,
@@ -281,6 +283,8 @@ class TieredKVCache(KVCache):
         self._refresh_tier_inputs()
         self._level_bytes = self._block_level_bytes()
         self._outs = [NEW_KV, ATTN_MASS]
+        self._new_buf = np.empty((1, 2 * self.L * self.E, 1), np.float32)
+        self._mass_buf = np.empty(0, np.float32)
 
     # ------------------------------------------------------------------ buffers
     def _alloc_l0(self, cap: int) -> None:
@@ -360,6 +364,17 @@ class TieredKVCache(KVCache):
 
     def output_names(self) -> list[str]:
         return self._outs
+
+    def output_buffers(self, new_tokens: int) -> Mapping[str, np.ndarray] | None:
+        """For decode steps (``new_tokens == 1``): ``kv.new`` ``[1, 2L*E, 1]`` and
+        ``kv.attn_mass`` ``[past_length + 1]`` float32 buffers reused every step (prefill
+        outputs are left to onnxruntime)."""
+        if new_tokens != 1:
+            return None
+        T = self.past_length + 1
+        if self._mass_buf.size < T:
+            self._mass_buf = np.empty(T + 2 * self.config.block_len, np.float32)
+        return {NEW_KV: self._new_buf, ATTN_MASS: self._mass_buf[:T]}
 
     def update(self, outputs: Mapping[str, object], new_tokens: int) -> None:
         """Append the run's K/V rows at L0, accumulate attention mass, re-tier when a block
