@@ -3,7 +3,10 @@ folder is on ``sys.path``)."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 
 def code_state() -> dict:
@@ -28,3 +31,31 @@ def code_state() -> dict:
             h.update(f.read_bytes())
     state["kv_model_engine_sources_sha256"] = h.hexdigest()[:16]
     return state
+
+
+def write_results(out: dict, json_path: str | Path, plot_path: str | Path | None,
+                  plot: Callable[[dict, Path], None]) -> None:
+    """Write ``out`` as JSON to ``json_path`` and the plot (if a path is given), saying where."""
+    p = Path(json_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"JSON: {p}")
+    if plot_path:
+        plot(out, Path(plot_path))
+        print(f"plot: {plot_path}")
+    print(f"total {out['seconds']:.0f} s")
+
+
+def time_store_updates(cache: Any) -> list[float]:
+    """Wrap ``cache.update`` so the seconds it spends accumulate in the returned one-item
+    list (reset it with ``acc[0] = 0.0``)."""
+    acc = [0.0]
+    orig = cache.update
+
+    def timed_update(outputs: Any, n: int) -> None:
+        t0 = time.perf_counter()
+        orig(outputs, n)
+        acc[0] += time.perf_counter() - t0
+
+    cache.update = timed_update
+    return acc

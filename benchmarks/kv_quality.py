@@ -42,12 +42,11 @@ Writes ``benchmarks/results/kv_quality.json`` and ``benchmarks/results/kv_qualit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from _common import code_state
+from _common import code_state, write_results
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -298,13 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run(args)
     out["seconds"] = time.perf_counter() - t0
     print_table(out)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"JSON: {args.out}")
-    if args.plot:
-        plot(out, Path(args.plot))
-        print(f"plot: {args.plot}")
-    print(f"total {out['seconds']:.0f} s")
+    write_results(out, args.out, args.plot, plot)
     return 0
 
 

@@ -65,7 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import code_state
+from _common import code_state, time_store_updates, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -265,16 +265,7 @@ class Worker:
             fill_s = time.perf_counter() - t
             st = cache.stats()
             rss_filled = rss_bytes()
-            # time the store's Python work per step
-            upd_acc = [0.0]
-            orig_update = cache.update
-
-            def timed_update(outputs, n):
-                t0 = time.perf_counter()
-                orig_update(outputs, n)
-                upd_acc[0] += time.perf_counter() - t0
-
-            cache.update = timed_update  # type: ignore[method-assign]
+            upd_acc = time_store_updates(cache)  # the store's Python work per step
             self._decode(cache, 1)  # untimed first step
             c = self._cur = {"cache": cache, "length": length, "st": st, "fill_s": fill_s, "rss": rss_filled,
                              "upd": upd_acc, "hwm_ok": hwm_ok}
@@ -331,15 +322,7 @@ class Worker:
             self._prefill_model(cache, length)
         else:
             self._fill_random(cache, length)
-        upd_acc = [0.0]
-        orig_update = cache.update
-
-        def timed_update(outputs, n):
-            t0 = time.perf_counter()
-            orig_update(outputs, n)
-            upd_acc[0] += time.perf_counter() - t0
-
-        cache.update = timed_update  # type: ignore[method-assign]
+        upd_acc = time_store_updates(cache)
         self._decode(cache, 1, psess)  # warm step, excluded below
         upd_acc[0] = 0.0
         total, _ = self._decode(cache, steps, psess)
@@ -727,13 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     out["targets"] = targets(out)
     out["seconds"] = time.perf_counter() - t0
     print_tables(out)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"JSON: {args.out}")
-    if args.plot:
-        plot(out, Path(args.plot))
-        print(f"plot: {args.plot}")
-    print(f"total {out['seconds']:.0f} s")
+    write_results(out, args.out, args.plot, plot)
     return 0
 
 
