@@ -364,11 +364,11 @@ class LemonadeRuntime:
     """
 
     def __init__(self, folder: str):
-        from ..plugins import get_plugin_manager
+        from ..host import host_plugin_manager
         from ..policy import load_policy
 
         self.folder = str(Path(folder).expanduser().resolve())
-        self.manager = get_plugin_manager()
+        self.manager = host_plugin_manager()  # with the agent client when INFEROS_AGENT_URL is set
         self.policy = load_policy(os.environ.get(POLICY_ENV) or None)
         self.load_notes: list[str] = []
         self.engine: Any = None
