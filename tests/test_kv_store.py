@@ -119,3 +119,29 @@ def test_output_buffers_decode_matches(spec):
     assert np.array_equal(res[0][0], res[1][0])
     assert res[0][1] == res[1][1]
     assert np.array_equal(res[0][2], res[1][2])
+
+
+@pytest.mark.parametrize("scheme", ["tiered", "q8_0", "hf_quantized"])
+def test_quantize_from_l0_matches_reference(spec, scheme):
+    """Blocks leaving L0 are quantized straight from the channel-major buffer; codes,
+    scales and zero points must equal quantize() on the canonical [L, n, E] form."""
+    from lemonade_inferos.kv.quantize import quantize
+
+    c = store_for_scheme(scheme, spec)
+    L, E, bl = c.L, c.E, c.config.block_len
+    rng = np.random.default_rng(5)
+    buf = (rng.standard_normal((2 * L, E, 3 * bl)) * 3).astype(np.float16)
+    x = buf[:, :, 7:7 + bl]  # a strided view, as the store slices its L0 buffer
+    for kind, part in (("key", x[:L]), ("value", x[L:])):
+        mode, g = c._modes[kind]
+        for bits in (4, 8):
+            q, s, z = c._quantize_cm(part, kind, bits)
+            ref = quantize(part.transpose(0, 2, 1).astype(np.float32), bits,
+                           axis=1 if mode == "channel" else 2, group=g)
+            np.testing.assert_array_equal(q, ref.q.transpose(0, 2, 1))
+            np.testing.assert_array_equal(s, ref.scale.transpose(0, 2, 1))
+            np.testing.assert_array_equal(z, ref.zero.transpose(0, 2, 1))
+    bad = x[:L].copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError):
+        c._quantize_cm(bad, "key", 4)

@@ -35,9 +35,14 @@ is a slice of the last axis) are those of the graph inputs, documented in
 :mod:`lemonade_inferos.kv.graph`; the store holds exactly those numpy arrays (no other
 copy) and binds them as they are. Only the
 levels a configuration can assign (:attr:`StoreConfig.levels`) exist as graph inputs.
-Re-tiering rebuilds a tier's codes and scales block-wise in that layout (kept blocks are
-slices, new blocks are appended); only the packed INT4 zero points and INT8->INT4
-re-quantized blocks go through the unpacked "canonical" form.
+Re-tiering rebuilds a tier's arrays block-wise in that layout (kept blocks are slices,
+new blocks are appended; packed INT4 zero points are unpacked to the same graph order,
+rebuilt the same way and packed again). A block leaving L0 is quantized straight from its
+(contiguous) columns of the channel-major L0 buffer, which already is the graph layout
+(:meth:`TieredKVCache._quantize_cm`, arithmetic identical to
+:func:`~lemonade_inferos.kv.quantize.quantize`); only INT8->INT4 re-quantized blocks go
+through the unpacked "canonical" form. Tier arrays are allocated at exactly their size (no
+spare capacity), so the memory accounting above is unchanged.
 
 The engine keeps one IOBinding per request and binds only :meth:`TieredKVCache.step_inputs`
 each step: ``kv.l0`` plus the tier arrays when re-tiering replaced them. Decode steps write
@@ -59,9 +64,9 @@ import numpy as np
 from ..model.spec import DecoderSpec
 from ..types import KVStats
 from .base import KVCache
-from .graph import ATTN_MASS, L0, L2_CODES, L2_ZERO, LEVEL_BITS, NEW_KV, GraphLayout, ensure_graph, input_names
+from .graph import ATTN_MASS, KINDS, L0, L2_CODES, L2_ZERO, LEVEL_BITS, NEW_KV, GraphLayout, ensure_graph, input_names
 from .importance import block_mass, block_mass_mean, fallback_scores
-from .quantize import dequantize, quantize, stored_nbytes
+from .quantize import MIN_SCALE, dequantize, quantize, stored_nbytes
 from .tiers import MODES, assign_levels
 
 IMPORTANCE = ("h2o_mean", "h2o", "recency_norm", "none")
@@ -411,10 +416,11 @@ class TieredKVCache(KVCache):
     # ------------------------------------------------------------------ re-tiering
     def _flush_mass(self) -> None:
         n0 = self._n0
-        np.add.at(self._tok_mass, self._l0_tok[:n0], self._acc0[:n0])
+        # positions are unique within L0 and within the quantized tiers: plain fancy +=
+        self._tok_mass[self._l0_tok[:n0]] += self._acc0[:n0]
         self._acc0[:n0] = 0
         if self._q_tok.size:
-            np.add.at(self._tok_mass, self._q_tok, self._acc_q)
+            self._tok_mass[self._q_tok] += self._acc_q
             self._acc_q[:] = 0
 
     def _importance(self, nb: int) -> np.ndarray:
@@ -522,18 +528,6 @@ class TieredKVCache(KVCache):
         return {input_names(2, kind)[2]: np.stack([pack_half(r) for r in z.reshape(self.L, -1)])
                 for kind, z in g_zero.items()}
 
-    def _zero_canonical(self, tier: _Tier, kind: str) -> np.ndarray:
-        """Canonical zero points of ``kind`` of a level-2 tier (uint8, unpacked)."""
-        mode, g = self._modes[kind]
-        N = len(tier.blocks) * self.config.block_len
-        shape = (self.L, self.E, N // g) if mode == "channel" else (self.L, self.E // g, N)
-        a = tier.arrays
-        if L2_ZERO in a:
-            z = a[L2_ZERO] & 0x0F if kind == "key" else a[L2_ZERO] >> 4
-        else:
-            z = np.stack([unpack_half(r) for r in a[input_names(2, kind)[2]]])
-        return z.reshape(shape).transpose(0, 2, 1)
-
     def _block_view(self, level: int, name: str, arr: np.ndarray, nb: int) -> np.ndarray | None:
         """``arr`` (a tier input holding ``nb`` blocks) viewed as ``[a, b, nb, units]`` with
         one block per index of axis 2, or None for level-2 zero points (packed across
@@ -603,32 +597,114 @@ class TieredKVCache(KVCache):
             res[kind] = x.transpose(1, 0, 2)
         return res
 
+    def _quantize_cm(self, x: np.ndarray, kind: str, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Quantize one kind of a block straight from the channel-major L0 layout.
+
+        ``x``: float16/float32 ``[L, E, n]`` (``n`` a multiple of ``block_len``). Returns
+        graph-layout ``(codes [L, E, n], scale, zero)`` with scale/zero ``[L, E, n/g]``
+        (per-channel groups) or ``[L, E/g, n]`` (per-token groups), i.e. the graph's
+        metadata order before flattening. The arithmetic is exactly that of
+        :func:`~lemonade_inferos.kv.quantize.quantize` (same codes, scales and zero
+        points), without its transposes to and from the canonical form.
+
+        Raises:
+            ValueError: ``x`` contains NaN or infinity.
+        """
+        mode, g = self._modes[kind]
+        L, E, n = x.shape
+        qmax = (1 << bits) - 1
+        if mode == "channel":  # group axis first: numpy reduces an outer axis much faster
+            gx, red = np.ascontiguousarray(x.reshape(L, E, n // g, g).transpose(3, 0, 1, 2), dtype=np.float32), 0
+        else:
+            gx, red = np.ascontiguousarray(x, dtype=np.float32).reshape(L, E // g, g, n), 2
+        lo = np.minimum(gx.min(axis=red, keepdims=True), 0.0)
+        hi = np.maximum(gx.max(axis=red, keepdims=True), 0.0)
+        s = np.maximum((hi - lo) / qmax, MIN_SCALE).astype(np.float32)
+        if not np.isfinite(s).all():  # NaN/inf propagate through min/max into the scale
+            raise ValueError("x contains NaN or infinity")
+        s16 = s.astype(np.float16)
+        s16 = np.where(s16.astype(np.float32) < s, np.nextafter(s16, np.float16(np.inf)), s16)
+        sf = s16.astype(np.float32)
+        zero = np.clip(np.rint(-lo / sf), 0, qmax)
+        q = np.rint(gx / sf)
+        q += zero
+        np.clip(q, 0, qmax, out=q)
+        q = q.astype(np.uint8)
+        if mode == "channel":
+            q = q.transpose(1, 2, 3, 0)
+        return (q.reshape(L, E, n), np.squeeze(s16, axis=red), np.squeeze(zero.astype(np.uint8), axis=red))
+
+    def _graph_piece(self, level: int, cm: dict[str, tuple]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Graph-layout block(s) from :meth:`_quantize_cm` output per kind -> (the tier
+        inputs except the INT4 zero points, unpacked zero points per kind in graph order)."""
+        out: dict[str, np.ndarray] = {}
+        zeros: dict[str, np.ndarray] = {}
+        for kind, (q, sc, z) in cm.items():
+            qn, sn, zn = input_names(level, kind)
+            n = q.shape[2]
+            shape = self._meta_graph_shape(kind, n)
+            out[sn] = sc.reshape(shape)
+            zeros[kind] = z.reshape(shape)
+            if level == 1:
+                out[qn], out[zn] = q, zeros[kind]
+        if level == 2:
+            out[L2_CODES] = cm["key"][0] | (cm["value"][0] << 4)
+        return out, zeros
+
+    def _meta_block_view(self, kind: str, arr: np.ndarray, nb: int) -> np.ndarray:
+        """A kind's scale/zero in graph order (``nb`` blocks) as ``[a, b, nb, units]``."""
+        L, E, bl = self.L, self.E, self.config.block_len
+        mode, g = self._modes[kind]
+        return arr.reshape(L, E, nb, bl // g) if mode == "channel" else arr.reshape(L, E // g, nb, bl)
+
+    def _l2_zeros(self, tier: _Tier) -> dict[str, np.ndarray]:
+        """Unpacked INT4 zero points per kind of a level-2 tier, in graph (scale) order."""
+        a = tier.arrays
+        if L2_ZERO in a:
+            return {"key": a[L2_ZERO] & 0x0F, "value": a[L2_ZERO] >> 4}
+        return {k: np.stack([unpack_half(r) for r in a[input_names(2, k)[2]]]).reshape(-1) for k in KINDS}
+
     def _apply(self, target: np.ndarray) -> None:
         c, bl = self.config, self.config.block_len
-        bad = set(np.unique(target[(target == 1) | (target == 2)]).tolist()) - set(c.levels)
-        if bad:  # StoreConfig.levels must foresee every level assign_levels can give
-            raise RuntimeError(f"level(s) {sorted(bad)} assigned but the graph has only {c.levels}")
+        for v in (1, 2):  # StoreConfig.levels must foresee every level assign_levels can give
+            if v not in c.levels and (target == v).any():
+                raise RuntimeError(f"level(s) [{v}] assigned but the graph has only {c.levels}")
         old = self._levels
         n0 = self._n0
         blk = self._block_of(self._l0_tok[:n0])
-        kinds = ("key", "value")
-        new_pieces: dict[int, list[tuple[int, dict]]] = {1: [], 2: []}
-        # blocks leaving L0
+        kinds = KINDS
+        L = self.L
+        # new blocks per level: (block id, graph inputs of the block (INT4 zero points
+        # excluded), unpacked zero points per kind in graph order)
+        new_pieces: dict[int, list[tuple[int, dict, dict]]] = {1: [], 2: []}
+        # blocks leaving L0: quantized straight from the channel-major L0 buffer (a block's
+        # columns are contiguous, L0 being kept in token order)
         for b in np.nonzero((old == 0) & (target > 0))[0]:
-            if target[b] == 3:
+            lv = int(target[b])
+            if lv == 3:
                 continue
-            sel = blk == b
-            rows = {k: self._l0[k][:n0][sel] for k in kinds}
-            new_pieces[int(target[b])].append((int(b), self._quantize_block(rows, LEVEL_BITS[int(target[b])])))
-        # INT8 -> INT4 re-quantization
+            idx = np.flatnonzero(blk == b)
+            if idx.size and idx[-1] - idx[0] == idx.size - 1:
+                x = self._l0buf[:, :, idx[0]:idx[-1] + 1]
+            else:
+                x = self._l0buf[:, :, idx]
+            cm = {"key": self._quantize_cm(x[:L], "key", LEVEL_BITS[lv]),
+                  "value": self._quantize_cm(x[L:], "value", LEVEL_BITS[lv])}
+            new_pieces[lv].append((int(b),) + self._graph_piece(lv, cm))
+        # INT8 -> INT4 re-quantization (through the canonical form)
         t1 = self._tiers[1]
         if any(target[b] == 2 for b in t1.blocks):
             canon1 = {k: self._canonical(t1, k) for k in kinds}
             for slot, b in enumerate(t1.blocks):
                 if target[b] == 2:
-                    new_pieces[2].append((b, self._quantize_block(self._dequant_block(canon1, slot), 4)))
+                    piece = self._quantize_block(self._dequant_block(canon1, slot), 4)
+                    g = self._to_graph(2, piece)
+                    zeros = {k: np.ascontiguousarray(piece[k][2].transpose(0, 2, 1)).reshape(
+                        self._meta_graph_shape(k, bl)) for k in kinds}
+                    new_pieces[2].append((b, g, zeros))
         # rebuild the quantized tiers in graph layout: kept blocks in slot order, then new
-        # ones (codes and scales block by block; INT4 zero points via canonical form)
+        # ones, block-wise along the token axis of every input (INT4 zero points unpacked
+        # to graph order, rebuilt the same way, packed again)
         for level in (1, 2):
             tier = self._tiers[level]
             nb = len(tier.blocks)
@@ -636,30 +712,35 @@ class TieredKVCache(KVCache):
             if len(keep) == nb and not new_pieces[level]:
                 continue
             slots = [slot for slot, _ in keep]
+            all_kept = len(keep) == nb
             n_new = (len(keep) + len(new_pieces[level])) * bl
-            pieces = [self._to_graph(level, piece) for _, piece in new_pieces[level]]
             arrays: dict[str, np.ndarray] = {}
             for name, arr in tier.arrays.items():
                 v = self._block_view(level, name, arr, nb)
                 if v is None:
                     continue
-                chunks = [v if len(keep) == nb else v[:, :, slots]] if keep else []
-                chunks += [self._block_view(level, name, pg[name], 1) for pg in pieces]
-                cat = np.concatenate(chunks, axis=2) if chunks else v[:, :, :0]
+                chunks = [v if all_kept else v[:, :, slots]] if keep else []
+                chunks += [self._block_view(level, name, pg[name], 1) for _, pg, _ in new_pieces[level]]
+                cat = np.concatenate(chunks, axis=2) if len(chunks) > 1 else (
+                    np.ascontiguousarray(chunks[0]) if chunks else v[:, :, :0])
                 arrays[name] = cat.reshape(self._graph_shape(level, name, n_new))
             if level == 2:
+                old_z = self._l2_zeros(tier) if keep else None
                 g_zero = {}
                 for kind in kinds:
-                    m = self._meta_rows(kind)
-                    z = self._zero_canonical(tier, kind) if keep else None
-                    parts = [z[:, s * m:(s + 1) * m] for s in slots] if keep else []
-                    parts += [piece[kind][2] for _, piece in new_pieces[level]]
-                    zc = np.concatenate(parts, axis=1) if parts else self._empty_canonical(kind)[2]
-                    g_zero[kind] = np.ascontiguousarray(zc.transpose(0, 2, 1)).reshape(
-                        self._meta_graph_shape(kind, n_new))
+                    chunks = []
+                    if keep:
+                        zv = self._meta_block_view(kind, old_z[kind], nb)
+                        chunks.append(zv if all_kept else zv[:, :, slots])
+                    chunks += [self._meta_block_view(kind, z[kind], 1) for _, _, z in new_pieces[level]]
+                    if chunks:
+                        zc = np.concatenate(chunks, axis=2)
+                    else:
+                        zc = np.zeros(0, np.uint8)
+                    g_zero[kind] = zc.reshape(self._meta_graph_shape(kind, n_new))
                 arrays.update(self._pack_zeros(g_zero))
             tier.arrays = arrays
-            tier.blocks = [b for _, b in keep] + [b for b, _ in new_pieces[level]]
+            tier.blocks = [b for _, b in keep] + [b for b, _, _ in new_pieces[level]]
         self._evicted_tokens += int(((target == 3) & (old != 3)).sum()) * bl
         self._levels = target.astype(np.int8)
         # compact L0: keep sinks, recent tokens and blocks still at level 0
@@ -673,9 +754,8 @@ class TieredKVCache(KVCache):
             self._n0 = k
             if self._cap > self._l0_cap(k) + bl:
                 self._alloc_l0(self._l0_cap(k))
-        self._q_tok = np.concatenate(
-            [np.arange(c.sink_tokens + b * bl, c.sink_tokens + (b + 1) * bl) for t in (1, 2) for b in self._tiers[t].blocks]
-            or [np.zeros(0, np.int64)]).astype(np.int64)
+        qb = np.array(self._tiers[1].blocks + self._tiers[2].blocks, np.int64)
+        self._q_tok = (c.sink_tokens + qb[:, None] * bl + np.arange(bl, dtype=np.int64)).reshape(-1)
         self._acc_q = np.zeros(self._q_tok.size, np.float32)
         self._refresh_tier_inputs()
 
