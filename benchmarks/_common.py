@@ -59,3 +59,15 @@ def time_store_updates(cache: Any) -> list[float]:
 
     cache.update = timed_update
     return acc
+
+
+def print_code_and_targets(out: dict, *, width: int, fmt: str) -> None:
+    """Print which code was measured and the PASS/FAIL target lines of ``out``."""
+    c = out.get("code", {})
+    print(f"code: HEAD {c.get('git_head', '?')[:7]}" + (f" + uncommitted changes in {', '.join(c['modified'])}"
+                                                         if c.get("modified") else " (clean)")
+          + f"; sources sha {c.get('kv_model_engine_sources_sha256', '?')}")
+    if out.get("targets"):
+        print("\ntargets:")
+        for t in out["targets"]:
+            print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']:{width}s} measured {t['value']:{fmt}}")

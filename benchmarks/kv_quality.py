@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import code_state, write_results
+from _common import code_state, print_code_and_targets, write_results
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -226,14 +226,7 @@ def print_table(out: dict) -> None:
               f"{lv:>19s}")
     print("(KV bytes and the level split in tokens are at the end of the longest chunk; fp16 bytes there: "
           f"{next(iter(res.values()))['kv_bytes_fp16']})")
-    c = out.get("code", {})
-    print(f"code: HEAD {c.get('git_head', '?')[:7]}" + (f" + uncommitted changes in {', '.join(c['modified'])}"
-                                                         if c.get("modified") else " (clean)")
-          + f"; sources sha {c.get('kv_model_engine_sources_sha256', '?')}")
-    if out["targets"]:
-        print("\ntargets:")
-        for row in out["targets"]:
-            print(f"  {'PASS' if row['pass'] else 'FAIL'}  {row['target']:48s} measured {row['value']:.4g}")
+    print_code_and_targets(out, width=48, fmt=".4g")
     for n in out["notes"]:
         print(f"note: {n}")
 

@@ -65,7 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import code_state, time_store_updates, write_results
+from _common import code_state, print_code_and_targets, time_store_updates, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -627,14 +627,7 @@ def print_tables(out: dict) -> None:
             print("    by region: " + ", ".join(f"{k} {v2:.2f}" for k, v2 in list(p["region_ms_per_step"].items())[:6]))
             print("    by op:     " + ", ".join(f"{k} {v2:.2f}" for k, v2 in list(p["op_ms_per_step"].items())[:8]))
             print("    top nodes: " + ", ".join(f"{k} {v2:.2f}" for k, v2 in list(p["top_nodes_ms_per_step"].items())[:6]))
-    c = out.get("code", {})
-    print(f"code: HEAD {c.get('git_head', '?')[:7]}" + (f" + uncommitted changes in {', '.join(c['modified'])}"
-                                                         if c.get("modified") else " (clean)")
-          + f"; sources sha {c.get('kv_model_engine_sources_sha256', '?')}")
-    if out["targets"]:
-        print("\ntargets:")
-        for t in out["targets"]:
-            print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']:58s} measured {t['value']:.3f}")
+    print_code_and_targets(out, width=58, fmt=".3f")
 
 
 def plot(out: dict, path: Path) -> None:
