@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests: no per-example deadline (a loaded 2-core CI box must not turn a slow example
+# into a failure), and a fixed example sequence in CI so a run is reproducible.
+settings.register_profile("inferos", deadline=None)
+settings.register_profile("inferos-ci", deadline=None, derandomize=True, database=None)
+settings.load_profile("inferos-ci" if os.environ.get("CI") else "inferos")
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "lemonade_inferos" / "data" / "stories260K"
 
