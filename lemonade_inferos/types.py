@@ -25,6 +25,10 @@ class InferenceContext:
         target_ttft_ms: the caller's time-to-first-token target in milliseconds, or None.
         quality_budget: largest acceptable perplexity increase (ΔPPL, absolute) or None to
             use the policy's ``quality.max_delta_ppl``.
+        deadline_ms: wall-clock budget of the whole request in milliseconds, or None. When
+            it runs out the engine sets ``RunOptions.terminate`` (stopping the model run in
+            flight) and ends generation with ``finish_reason == "deadline"``, keeping the
+            tokens generated so far.
         host: which host runs the request ("cli", "serve", "lemonade", "bench", ...).
         request_id: unique id, generated when not given.
         extra: free-form host data (never interpreted by inferos itself).
@@ -36,6 +40,7 @@ class InferenceContext:
     max_new_tokens: int = 128
     target_ttft_ms: float | None = None
     quality_budget: float | None = None
+    deadline_ms: float | None = None
     host: str = "cli"
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     extra: dict[str, Any] = field(default_factory=dict)

@@ -184,3 +184,38 @@ def test_oga_backend_drives_the_same_folder(embedded_model):
     assert a.stats.backend == "oga" and a.stats.kv.active is False
     assert any("KV store not active" in n for n in a.stats.notes)
     assert og is not None
+
+
+def test_deadline_terminates_generation_and_keeps_tokens(engine):
+    from lemonade_inferos.types import InferenceContext
+
+    slow = {"n": 0}
+
+    def on_token(t, p):  # stand-in for a big model: 2 ms per token
+        import time
+
+        slow["n"] += 1
+        time.sleep(0.002)
+
+    ids = engine.encode("Once upon a time")
+    ctx = InferenceContext(model="m", prompt_tokens=len(ids), max_new_tokens=400, deadline_ms=60)
+    res = engine.generate(ids, GenerationConfig(max_new_tokens=400, stop_on_eos=False), on_token=on_token, context=ctx)
+    assert res.finish_reason == "deadline"
+    assert 0 < len(res.token_ids) < 400 and len(res.token_ids) == slow["n"]
+    assert res.stats.total_ms < 400
+    # without a deadline the same request runs to the token limit
+    res = engine.generate(ids, GenerationConfig(max_new_tokens=60, stop_on_eos=False))
+    assert res.finish_reason == "length" and len(res.token_ids) == 60
+
+
+def test_run_options_terminate_stops_a_model_run_in_flight(engine):
+    """The mechanism the deadline uses: a RunOptions with terminate set makes ORT refuse."""
+    import onnxruntime as ort
+
+    from lemonade_inferos.kv.base import FullPrecisionKVCache
+
+    ro = ort.RunOptions()
+    ro.terminate = True
+    sess = engine.session("model.onnx", load_policy("quality"))
+    with pytest.raises(Exception, match="(?i)terminat"):
+        engine._run(sess, FullPrecisionKVCache(engine.spec), np.array([[1, 400, 401]]), 0, ro, True)

@@ -58,7 +58,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_ids: list[int]
-    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled"
+    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled", "deadline"
     stats: RunStats
     policy: Policy | None = None
     step_logits: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -325,57 +325,89 @@ class Engine:
         finish = "length"
         t_first = None
 
-        t_pre = time.perf_counter()
-        logits = self._run(sess, cache, np.array([ids], dtype=np.int64), 0, ro, iob)
-        stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
-        if len(ids) > 1:
-            lp = log_softmax(logits[:-1])
-            stats.prompt_nll = float(-lp[np.arange(len(ids) - 1), ids[1:]].mean())
-        last = logits[-1]
-        pos = len(ids)
-        step_ids = np.zeros((1, 1), dtype=np.int64)
-        while True:
-            tok = select_token(last, cfg, seen, rng)
-            if tok in eos:
-                finish = "stop"
-                break
-            out_ids.append(tok)
-            seen = np.append(seen, tok)
-            text += detok.add(tok)
-            stop_hit = -1
-            if cfg.stop:
-                for s in cfg.stop:
-                    i = text.find(s, max(0, emitted - len(s)))
-                    if i != -1 and (stop_hit == -1 or i < stop_hit):
-                        stop_hit = i
-            if stop_hit != -1:
-                text = text[:stop_hit]
-            upto = len(text) if stop_hit != -1 else len(text) - _stop_holdback(text, cfg.stop)
-            piece = text[emitted:upto] if upto > emitted else ""
-            emitted = max(emitted, upto)
-            if t_first is None:
-                t_first = time.perf_counter()
-            if on_token is not None and on_token(tok, piece) is False:
-                finish = "cancelled"
-                break
-            if stop_hit != -1:
-                finish = "stop"
-                break
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-            if len(out_ids) >= max_new:
-                finish = "length"
-                break
-            step_ids[0, 0] = tok
-            last = self._run(sess, cache, step_ids, pos, ro, iob)[-1]
-            pos += 1
-        if on_token is not None and emitted < len(text) and finish != "cancelled":
+        deadline = self._arm_deadline(ro, context, t0)
+        try:
+            t_pre = time.perf_counter()
+            logits = self._run(sess, cache, np.array([ids], dtype=np.int64), 0, ro, iob)
+            stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
+            if len(ids) > 1:
+                lp = log_softmax(logits[:-1])
+                stats.prompt_nll = float(-lp[np.arange(len(ids) - 1), ids[1:]].mean())
+            last = logits[-1]
+            pos = len(ids)
+            step_ids = np.zeros((1, 1), dtype=np.int64)
+            while True:
+                tok = select_token(last, cfg, seen, rng)
+                if tok in eos:
+                    finish = "stop"
+                    break
+                out_ids.append(tok)
+                seen = np.append(seen, tok)
+                text += detok.add(tok)
+                stop_hit = -1
+                if cfg.stop:
+                    for s in cfg.stop:
+                        i = text.find(s, max(0, emitted - len(s)))
+                        if i != -1 and (stop_hit == -1 or i < stop_hit):
+                            stop_hit = i
+                if stop_hit != -1:
+                    text = text[:stop_hit]
+                upto = len(text) if stop_hit != -1 else len(text) - _stop_holdback(text, cfg.stop)
+                piece = text[emitted:upto] if upto > emitted else ""
+                emitted = max(emitted, upto)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if on_token is not None and on_token(tok, piece) is False:
+                    finish = "cancelled"
+                    break
+                if stop_hit != -1:
+                    finish = "stop"
+                    break
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if deadline is not None and deadline.is_set():
+                    finish = "deadline"
+                    break
+                if len(out_ids) >= max_new:
+                    finish = "length"
+                    break
+                step_ids[0, 0] = tok
+                last = self._run(sess, cache, step_ids, pos, ro, iob)[-1]
+                pos += 1
+        except Exception:
+            if deadline is None or not deadline.is_set():
+                raise
+            finish = "deadline"  # RunOptions.terminate stopped the model run in flight
+        finally:
+            if deadline is not None:
+                deadline.timer.cancel()  # type: ignore[attr-defined]
+        if on_token is not None and emitted < len(text) and finish not in ("cancelled", "deadline"):
             on_token(-1, text[emitted:])  # flush text held back for a stop string that never came
         stats.kv = cache.stats()
         stats.finish_reason = finish
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    @staticmethod
+    def _arm_deadline(ro: ort.RunOptions, context: InferenceContext, t0: float) -> threading.Event | None:
+        """Start a timer that sets ``ro.terminate`` when ``context.deadline_ms`` (counted
+        from ``t0``, the request start) runs out; returns the event it sets (with the timer
+        as ``.timer``), or None without a deadline."""
+        if context.deadline_ms is None:
+            return None
+        ev = threading.Event()
+
+        def fire() -> None:
+            ev.set()
+            ro.terminate = True
+
+        remaining = context.deadline_ms / 1e3 - (time.perf_counter() - t0)
+        timer = threading.Timer(max(0.0, remaining), fire)
+        timer.daemon = True
+        ev.timer = timer  # type: ignore[attr-defined]
+        timer.start()
+        return ev
 
     def _oga_model(self, policy: Policy) -> object:
         import onnxruntime_genai as og
