@@ -431,7 +431,8 @@ def inferos_info(result: Any) -> dict[str, Any]:
 
 
 def _finish_reason(result: Any) -> str:
-    return "length" if result.finish_reason == "length" else "stop"
+    # a deadline cut the output short, like the token limit
+    return "length" if result.finish_reason in ("length", "deadline") else "stop"
 
 
 # -- response shapes ------------------------------------------------------------------------
