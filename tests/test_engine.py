@@ -219,3 +219,16 @@ def test_run_options_terminate_stops_a_model_run_in_flight(engine):
     sess = engine.session("model.onnx", load_policy("quality"))
     with pytest.raises(Exception, match="(?i)terminat"):
         engine._run(sess, FullPrecisionKVCache(engine.spec), np.array([[1, 400, 401]]), 0, ro, True)
+
+
+def test_oga_backend_applies_stop_strings_like_the_ort_loop(embedded_model):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    oga = Engine(embedded_model, pm=get_plugin_manager(entry_points=False), backend="oga")
+    ort_eng = Engine(embedded_model, pm=get_plugin_manager(entry_points=False))
+    cfg = GenerationConfig(max_new_tokens=40, stop=["Lily"])
+    pieces = []
+    a = oga.generate("Once upon a time", cfg, on_token=lambda t, p: pieces.append(p))
+    b = ort_eng.generate("Once upon a time", cfg, baseline=True)
+    assert a.finish_reason == b.finish_reason == "stop"
+    assert a.text == b.text and "Lily" not in a.text
+    assert "".join(pieces) == a.text and "Lil" not in "".join(pieces)

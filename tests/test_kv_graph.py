@@ -36,7 +36,7 @@ def _sess(spec, f, cache={}):
 
 def _fp_past(c: TieredKVCache) -> dict[str, np.ndarray]:
     """The float32 past the tiered graph should see (graph order: L0, L1, L2), per layer."""
-    L, KV, D, E = c.L, c.KV, c.D, c.E
+    L, KV, D = c.L, c.KV, c.D
     parts = {k: [c._l0[k][: c._n0].astype(np.float32).transpose(1, 0, 2)] for k in ("key", "value")}  # [L, N0, E]
     for level in c.config.levels:
         t = c._tiers[level]

@@ -37,7 +37,7 @@ from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
 from ..types import InferenceContext, KVStats, RunStats
 from .sampling import GenerationConfig, log_softmax, select_token
-from .text import IncrementalDetokenizer, TextCodec
+from .text import IncrementalDetokenizer, StopStream, TextCodec
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..guard import QualityGuard
@@ -62,17 +62,6 @@ class GenerationResult:
     stats: RunStats
     policy: Policy | None = None
     step_logits: list[np.ndarray] = field(default_factory=list, repr=False)
-
-
-def _stop_holdback(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` that could still grow into a stop string."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
 
 
 class Engine:
@@ -318,10 +307,9 @@ class Engine:
         rng = np.random.default_rng(cfg.seed)
         max_new = min(cfg.max_new_tokens, self.spec.context_length - len(ids))
         eos = set(self.spec.eos_token_ids) if cfg.stop_on_eos else set()
-        detok = IncrementalDetokenizer(self.codec, ids)
+        stream = StopStream(IncrementalDetokenizer(self.codec, ids), cfg.stop)
         seen = np.array(ids, dtype=np.int64)
         out_ids: list[int] = []
-        text, emitted = "", 0
         finish = "length"
         t_first = None
 
@@ -343,24 +331,13 @@ class Engine:
                     break
                 out_ids.append(tok)
                 seen = np.append(seen, tok)
-                text += detok.add(tok)
-                stop_hit = -1
-                if cfg.stop:
-                    for s in cfg.stop:
-                        i = text.find(s, max(0, emitted - len(s)))
-                        if i != -1 and (stop_hit == -1 or i < stop_hit):
-                            stop_hit = i
-                if stop_hit != -1:
-                    text = text[:stop_hit]
-                upto = len(text) if stop_hit != -1 else len(text) - _stop_holdback(text, cfg.stop)
-                piece = text[emitted:upto] if upto > emitted else ""
-                emitted = max(emitted, upto)
+                piece, stopped = stream.add(tok)
                 if t_first is None:
                     t_first = time.perf_counter()
                 if on_token is not None and on_token(tok, piece) is False:
                     finish = "cancelled"
                     break
-                if stop_hit != -1:
+                if stopped:
                     finish = "stop"
                     break
                 if cancel is not None and cancel.is_set():
@@ -382,12 +359,18 @@ class Engine:
         finally:
             if deadline is not None:
                 deadline.timer.cancel()  # type: ignore[attr-defined]
-        if on_token is not None and emitted < len(text) and finish not in ("cancelled", "deadline"):
-            on_token(-1, text[emitted:])  # flush text held back for a stop string that never came
+        self._flush(stream, on_token, finish)
         stats.kv = cache.stats()
         stats.finish_reason = finish
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
-        return GenerationResult(text=text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+        return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    @staticmethod
+    def _flush(stream: StopStream, on_token: OnToken | None, finish: str) -> None:
+        """Hand ``on_token`` the text held back for a stop string that never came."""
+        rest = stream.rest()
+        if on_token is not None and rest and finish not in ("cancelled", "deadline"):
+            on_token(-1, rest)
 
     @staticmethod
     def _arm_deadline(ro: ort.RunOptions, context: InferenceContext, t0: float) -> threading.Event | None:
@@ -441,9 +424,9 @@ class Engine:
         t_pre = time.perf_counter()
         gen.append_tokens(ids)
         stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
-        detok = IncrementalDetokenizer(self.codec, ids)
+        stream = StopStream(IncrementalDetokenizer(self.codec, ids), cfg.stop)
         out_ids: list[int] = []
-        text, finish, t_first = "", "length", None
+        finish, t_first = "length", None
         eos = set(self.spec.eos_token_ids)
         while not gen.is_done():
             gen.generate_next_token()
@@ -452,23 +435,22 @@ class Engine:
                 finish = "stop"
                 break
             out_ids.append(tok)
-            piece = detok.add(tok)
-            text += piece
+            piece, stopped = stream.add(tok)
             if t_first is None:
                 t_first = time.perf_counter()
             if on_token is not None and on_token(tok, piece) is False or (cancel is not None and cancel.is_set()):
                 finish = "cancelled"
                 break
-            if any(s in text for s in cfg.stop):
-                text = text[: min(text.find(s) for s in cfg.stop if s in text)]
+            if stopped:
                 finish = "stop"
                 break
+        self._flush(stream, on_token, finish)
         stats.backend = "oga"
         stats.kv = KVStats(tokens=len(ids) + len(out_ids), store="oga", active=False)
         stats.notes.append("KV store not active: onnxruntime-genai backend owns the KV cache")
         stats.finish_reason = finish
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
-        return GenerationResult(text=text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+        return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
 
     def calibration_ids(self) -> list[int]:
         """The quality guard's calibration text: the model's own sample from BOS (temperature

@@ -64,3 +64,48 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         return piece
+
+
+class StopStream:
+    """Generated text with stop strings, for streaming.
+
+    Each :meth:`add` detokenizes one id, cuts the text before the first stop string if one
+    appeared, and returns the piece that is safe to emit: text that could still grow into a
+    stop string is held back until it is resolved. :attr:`text` is the output so far (stop
+    string excluded); :meth:`rest` is what was held back and never became a stop string.
+    """
+
+    def __init__(self, detok: IncrementalDetokenizer, stops: list[str]):
+        self.detok = detok
+        self.stops = list(stops)
+        self.text = ""
+        self.emitted = 0
+
+    def _holdback(self) -> int:
+        """Characters at the end of the text that could still grow into a stop string."""
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Append one id; returns ``(piece to emit, a stop string was reached)``."""
+        self.text += self.detok.add(token_id)
+        hit = -1
+        for s in self.stops:
+            i = self.text.find(s, max(0, self.emitted - len(s)))
+            if i != -1 and (hit == -1 or i < hit):
+                hit = i
+        if hit != -1:
+            self.text = self.text[:hit]
+        upto = len(self.text) if hit != -1 else len(self.text) - self._holdback()
+        piece = self.text[self.emitted : upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece, hit != -1
+
+    def rest(self) -> str:
+        """Held-back text not yet emitted."""
+        return self.text[self.emitted :]

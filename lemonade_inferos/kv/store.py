@@ -441,7 +441,7 @@ class TieredKVCache(KVCache):
         return b
 
     def _rebalance(self, nb: int) -> None:
-        c, bl = self.config, self.config.block_len
+        c = self.config
         self._flush_mass()
         # form the blocks that left the window (they sit at L0 until assigned)
         if nb > self._formed:

@@ -450,24 +450,28 @@ def build_decoder(weights: Llama2cWeights, adapter: KVGraphAdapter | None = None
         vt = getattr(adapter, "values_transposed", False)  # past V is [B,KV*D,P]
         kv_shape = b.const_i64([0, 0, KV, D], "kv4_shape")
         kvt5 = b.const_i64([0, KV, 1, D, -1], "kvt5_shape")
+
+        def append_step(x: str, past: str, transposed: bool, tag: str) -> tuple[str, str]:
+            """This step's K or V ``x`` [B,S,KV*D] in the past's layout, and past + it:
+            channel-major [B,KV*D,S] / [B,KV*D,T] when ``transposed``, else head-major
+            [B,KV,S,D] / [B,KV,T,D]."""
+            if transposed:
+                new = b.node("Transpose", [x], f"{p}/{tag}_new_t", perm=[0, 2, 1])
+                return new, b.node("Concat", [past, new], f"{p}/{tag}_all_t", axis=2)
+            new = b.node("Transpose", [b.node("Reshape", [x, kv_shape], f"{p}/{tag}4")], f"{p}/{tag}_new",
+                         perm=[0, 2, 1, 3])
+            return new, b.node("Concat", [past, new], f"{p}/{tag}_all", axis=2)
+
+        k_new, k_all = append_step(k, past_k, kt_mode, "k")
         if kt_mode:
-            k_new = b.node("Transpose", [k], f"{p}/k_new_t", perm=[0, 2, 1])  # [B,KV*D,S]
-            k_all = b.node("Concat", [past_k, k_new], f"{p}/k_all_t", axis=2)  # [B,KV*D,T]
             kt = b.node("Reshape", [k_all, kvt5], f"{p}/k_t5")  # [B,KV,1,D,T]
         else:
-            k_new = b.node("Transpose", [b.node("Reshape", [k, kv_shape], f"{p}/k4")], f"{p}/k_new",
-                           perm=[0, 2, 1, 3])
-            k_all = b.node("Concat", [past_k, k_new], f"{p}/k_all", axis=2)  # [B,KV,T,D]
             kt = b.node("Transpose", [k_all], f"{p}/k_t", perm=[0, 1, 3, 2])  # [B,KV,D,T]
             kt = b.node("Unsqueeze", [kt, b.const_i64([2], "axis2")], f"{p}/k_t5")  # [B,KV,1,D,T]
+        v_new, v_all = append_step(v, past_v, vt, "v")
         if vt:
-            v_new = b.node("Transpose", [v], f"{p}/v_new_t", perm=[0, 2, 1])  # [B,KV*D,S]
-            v_all = b.node("Concat", [past_v, v_new], f"{p}/v_all_t", axis=2)  # [B,KV*D,T]
             v5 = b.node("Reshape", [v_all, kvt5], f"{p}/v5")  # [B,KV,1,D,T]
         else:
-            v_new = b.node("Transpose", [b.node("Reshape", [v, kv_shape], f"{p}/v4")], f"{p}/v_new",
-                           perm=[0, 2, 1, 3])
-            v_all = b.node("Concat", [past_v, v_new], f"{p}/v_all", axis=2)  # [B,KV,T,D]
             v5 = b.node("Unsqueeze", [v_all, b.const_i64([2], "axis2")], f"{p}/v5")  # [B,KV,1,T,D]
         scores = b.node("MatMul", [q, kt], f"{p}/scores")  # [B,KV,G,S,T] (scale folded in wq)
         scores = b.node("Add", [scores, mask], f"{p}/scores_masked")
