@@ -123,8 +123,9 @@ def test_split_before_dequant_graph_matches_numpy_dequant(tmp_path, monkeypatch,
     assert any(n.name.endswith("dq_4/DequantizeLinear") for n in m.graph.node)
 
 
-def test_high_nibble_dq_q_exact():
-    """The DequantizeLinear -> QuantizeLinear pair used for L2 value codes gives byte >> 4
+def test_nibble_unpack_exact():
+    """The uint8 unpack of the L2 code bytes (DequantizeLinear -> QuantizeLinear, Mul, Sub)
+    gives byte >> 4 and byte & 15
     for every byte value."""
     from onnx import TensorProto, helper
 
@@ -136,7 +137,7 @@ def test_high_nibble_dq_q_exact():
     ad = TieredKVAdapter()
     ad._nib = (b.initializer("m", np.array(15, np.uint8)), b.initializer("s", np.array(4, np.uint8)))
     x = b.add_input("x", TensorProto.UINT8, ["n"])
-    out = ad._nibbles(b, x, "t", fast_high=True)
+    out = ad._nibbles(b, x, "t", fast=True)
     b.add_output(out["value"], TensorProto.UINT8, ["n"])
     b.add_output(out["key"], TensorProto.UINT8, ["n"])
     g = helper.make_graph(b.nodes, "t", b.inputs, b.outputs, b.initializers)

@@ -52,10 +52,12 @@ fast uint8 ``DequantizeLinear`` paths without any float32 Transpose:
 
 * L0: ``Cast`` to float32, ``Split`` into the 2L layer/kind slices (no Transpose: the
   store appends a token as one column);
-* L1/L2: ``Cast`` the float16 scales to float32; for L2 one ``BitwiseAnd`` (keys) of the
-  shared code bytes and, for values, a uint8 ``DequantizeLinear`` + ``QuantizeLinear`` pair
-  that yields ``byte >> 4`` exactly (faster than ``BitShift``; see
-  ``TieredKVAdapter._nibbles``); ``BitwiseAnd`` / ``BitShift`` for paired zero points; then
+* L1/L2: ``Cast`` the float16 scales to float32; for L2 the nibbles of the
+  shared code bytes: a uint8 ``DequantizeLinear`` + ``QuantizeLinear`` pair that yields the
+  value codes ``byte >> 4`` exactly and ``byte - 16*(byte >> 4)`` for the key codes
+  (uint8 ``Mul``/``Sub``: 2x faster than ``BitwiseAnd``/``BitShift``, which onnxruntime
+  runs as scalar loops; see ``TieredKVAdapter._nibbles``); ``BitwiseAnd`` / ``BitShift``
+  for paired zero points; then
   per kind one uint8 ``DequantizeLinear`` to float32: per-axis over ``[rows, g]`` for
   per-channel groups, blocked on axis 1 (block g) of ``[L, E, N]`` for per-token groups
   (a uint4, float16-scale or innermost-axis blocked ``DequantizeLinear`` is 5-40x slower
@@ -275,7 +277,7 @@ class TieredKVAdapter:
             return o if isinstance(o, list) else [o]
 
         if level == 2:  # K codes in the low nibble, V codes in the high nibble
-            codes = self._nibbles(b, b.add_input(L2_CODES, UINT8, [L, E, n]), f"{p}/codes", fast_high=True)
+            codes = self._nibbles(b, b.add_input(L2_CODES, UINT8, [L, E, n]), f"{p}/codes", fast=True)
             if lay.paired_zero():
                 zeros = self._nibbles(b, b.add_input(L2_ZERO, UINT8, ["kv_l2_groups"]), f"{p}/zero")
         out: dict[str, object] = {}
@@ -323,29 +325,35 @@ class TieredKVAdapter:
             out[kind] = res
         return out
 
-    def _nibbles(self, b: GraphBuilder, packed: str, hint: str, fast_high: bool = False) -> dict[str, str]:
+    def _nibbles(self, b: GraphBuilder, packed: str, hint: str, fast: bool = False) -> dict[str, str]:
         """low nibble -> key, high nibble -> value (uint8, shape of ``packed``).
 
-        With ``fast_high`` (the code bytes) the high nibble is
+        With ``fast`` (the code bytes) the high nibble is
         ``QuantizeLinear(DequantizeLinear(byte, (1 - 2^-10)/16, 7), 1, 0)``: ``(byte - 7)/16``
         scaled down by 2^-10 lies strictly within 0.5 of ``byte >> 4`` for every byte
         (low nibble 0 -> -7/16, 15 -> just below +1/2; negatives saturate to 0), so the
-        rounding gives the high nibble exactly; both ops are onnxruntime's vectorized uint8
-        paths, ~2x faster than ``BitShift`` on uint8 (small arrays keep the one-node
-        ``BitShift``)."""
-        if not fast_high:
-            high = b.node("BitShift", [packed, self._nib[1]], f"{hint}_value", direction="RIGHT")
-        else:
-            if len(self._nib) == 2:
-                self._nib = self._nib + (
-                    b.initializer("kv_nibble_hi_scale", np.array((1 - 2.0 ** -10) / 16, np.float32)),
-                    b.initializer("kv_nibble_hi_zero", np.array(7, np.uint8)),
-                    b.initializer("kv_nibble_one", np.array(1, np.float32)),
-                    b.initializer("kv_nibble_zero", np.array(0, np.uint8)))
-            _, _, s, z, one, z0 = self._nib
-            f = b.node("DequantizeLinear", [packed, s, z], f"{hint}_value_f")
-            high = b.node("QuantizeLinear", [f, one, z0], f"{hint}_value")
-        return {"key": b.node("BitwiseAnd", [packed, self._nib[0]], f"{hint}_key"), "value": high}
+        rounding gives the high nibble exactly; the low nibble is then
+        ``byte - 16 * high`` (uint8 ``Mul`` and ``Sub``, no wrap-around: ``16*high <= byte``).
+        All four are onnxruntime's vectorized uint8 paths: measured on 66 560 bytes
+        (stories260K at 448 tokens, one thread) 13.6 us for both nibbles against 31.6 us for
+        ``BitwiseAnd`` + the high nibble (``BitwiseAnd`` and ``BitShift`` on uint8 are
+        scalar loops, ~22 us each). Small arrays (zero points) keep ``BitwiseAnd`` /
+        ``BitShift``, one node each."""
+        if not fast:
+            return {"key": b.node("BitwiseAnd", [packed, self._nib[0]], f"{hint}_key"),
+                    "value": b.node("BitShift", [packed, self._nib[1]], f"{hint}_value", direction="RIGHT")}
+        if len(self._nib) == 2:
+            self._nib = self._nib + (
+                b.initializer("kv_nibble_hi_scale", np.array((1 - 2.0 ** -10) / 16, np.float32)),
+                b.initializer("kv_nibble_hi_zero", np.array(7, np.uint8)),
+                b.initializer("kv_nibble_one", np.array(1, np.float32)),
+                b.initializer("kv_nibble_zero", np.array(0, np.uint8)),
+                b.initializer("kv_nibble_sixteen", np.array(16, np.uint8)))
+        _, _, s, z, one, z0, sixteen = self._nib
+        f = b.node("DequantizeLinear", [packed, s, z], f"{hint}_value_f")
+        high = b.node("QuantizeLinear", [f, one, z0], f"{hint}_value")
+        high16 = b.node("Mul", [high, sixteen], f"{hint}_value_x16")
+        return {"key": b.node("Sub", [packed, high16], f"{hint}_key"), "value": high}
 
     def past_kv(self, b: GraphBuilder, layer: int) -> tuple[str, str]:
         # [1, E, P] each; flattened into the decoder's Concat(past, new) by _flatten_concats

@@ -27,7 +27,7 @@ from .llama2c import Llama2cWeights, load_llama2c
 from .tokenizer import BOS_ID, EOS_ID, Llama2cTokenizer
 
 #: bump when the produced files change, so cached conversions are rebuilt.
-CONVERTER_VERSION = "5"
+CONVERTER_VERSION = "7"
 MANIFEST = "inferos_manifest.json"
 
 ATTRIBUTION = """\
