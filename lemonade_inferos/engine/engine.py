@@ -64,6 +64,45 @@ class GenerationResult:
     step_logits: list[np.ndarray] = field(default_factory=list, repr=False)
 
 
+class _Binding:
+    """The IOBinding of one (request cache, session) pair and what is bound in it.
+
+    Inputs are rebound only when a different object is passed (the binding reads numpy
+    arrays in place, so a C-contiguous array updated in place needs no rebinding);
+    outputs are rebound when their buffer object changes or they go back to
+    onnxruntime-allocated memory. ``logits`` is a ``[1, 1, vocab]`` float32 buffer for
+    one-token runs (decode), bound once.
+    """
+
+    __slots__ = ("sess", "io", "inputs", "outputs", "logits")
+
+    def __init__(self, sess: ort.InferenceSession, vocab_size: int):
+        self.sess = sess
+        self.io = sess.io_binding()
+        self.inputs: dict[str, object] = {}
+        self.outputs: dict[str, object] = {}
+        self.logits = np.empty((1, 1, vocab_size), np.float32)
+
+    def bind_input(self, name: str, v: object) -> None:
+        if self.inputs.get(name) is v and (not isinstance(v, np.ndarray) or v.flags.c_contiguous):
+            return
+        if isinstance(v, np.ndarray):
+            self.io.bind_cpu_input(name, v)
+        else:
+            self.io.bind_ortvalue_input(name, v)
+        self.inputs[name] = v
+
+    def bind_output(self, name: str, buf: np.ndarray | None) -> None:
+        if buf is None:  # onnxruntime-allocated: bound anew every run (shapes change)
+            self.io.bind_output(name, "cpu")
+            self.outputs[name] = None
+            return
+        if self.outputs.get(name) is buf:
+            return
+        self.io.bind_output(name, "cpu", 0, buf.dtype.type, buf.shape, buf.ctypes.data)
+        self.outputs[name] = buf
+
+
 class Engine:
     """Runs one model folder; thread-safe for concurrent requests (one KV cache each).
 
@@ -171,40 +210,35 @@ class Engine:
         pos = np.arange(start_pos, start_pos + n, dtype=np.int64)[None, :]
         outs = cache.output_names()
         if iobinding:
-            # one IOBinding per (request cache, session): past inputs that did not change
-            # since the last run (cache.step_inputs) stay bound
+            # one IOBinding per (request cache, session): inputs and output buffers that are
+            # the same objects as in the last run stay bound (the binding is zero-copy, so
+            # arrays updated in place need no rebinding)
             st = self._bindings.get(cache)
-            if st is None or st[0] is not sess:
-                io = sess.io_binding()
-                self._bindings[cache] = (sess, io)
+            if st is None or st.sess is not sess:
+                st = _Binding(sess, self.spec.vocab_size)
+                self._bindings[cache] = st
                 past = cache.past_inputs()
             else:
-                io = st[1]
                 past = cache.step_inputs()
-            io.bind_cpu_input("input_ids", ids)
-            io.bind_cpu_input("attention_mask", mask)
-            io.bind_cpu_input("position_ids", pos)
+            st.bind_input("input_ids", ids)
+            st.bind_input("attention_mask", mask)
+            st.bind_input("position_ids", pos)
             for name, v in past.items():
-                if isinstance(v, np.ndarray):
-                    io.bind_cpu_input(name, v)
-                else:
-                    io.bind_ortvalue_input(name, v)
-            # the outputs the cache has buffers for (KVCache.output_buffers) are written in
-            # place; the others get fresh buffers from onnxruntime every run
-            io.bind_output("logits", "cpu")
+                st.bind_input(name, v)
+            # the outputs the cache has buffers for (KVCache.output_buffers) and one-token
+            # logits are written in place; the others get fresh buffers from onnxruntime
             bufs = cache.output_buffers(n) or {}
-            got: dict[str, object] = {}
+            logits_buf = st.logits if n == 1 else None
+            st.bind_output("logits", logits_buf)
             for name in outs:
-                b = bufs.get(name)
-                if b is None:
-                    io.bind_output(name, "cpu")
-                else:
-                    io.bind_output(name, "cpu", 0, b.dtype.type, b.shape, b.ctypes.data)
-                    got[name] = b
-            sess.run_with_iobinding(io, ro)
-            vals = io.get_outputs()
-            logits = vals[0].numpy()[0]
-            if len(got) < len(outs):
+                st.bind_output(name, bufs.get(name))
+            sess.run_with_iobinding(st.io, ro)
+            got: dict[str, object] = {name: bufs[name] for name in outs if name in bufs}
+            if logits_buf is not None and len(got) == len(outs):
+                logits = logits_buf[0].copy()
+            else:
+                vals = st.io.get_outputs()
+                logits = logits_buf[0].copy() if logits_buf is not None else vals[0].numpy()[0]
                 for name, v in zip(outs, vals[1:]):
                     got.setdefault(name, v)
             cache.update({name: got[name] for name in outs}, n)
