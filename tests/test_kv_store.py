@@ -141,6 +141,11 @@ def test_quantize_from_l0_matches_reference(spec, scheme):
             np.testing.assert_array_equal(q, ref.q.transpose(0, 2, 1))
             np.testing.assert_array_equal(s, ref.scale.transpose(0, 2, 1))
             np.testing.assert_array_equal(z, ref.zero.transpose(0, 2, 1))
+    for bits in (4, 8):  # both kinds in one pass (what re-tiering uses) == kind by kind
+        both = c._quantize_l0_block(x, bits)
+        for kind, part in (("key", x[:L]), ("value", x[L:])):
+            for got, want in zip(both[kind], c._quantize_cm(part, kind, bits)):
+                np.testing.assert_array_equal(got, want)
     bad = x[:L].copy()
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError):
