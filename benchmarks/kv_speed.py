@@ -136,6 +136,8 @@ class Worker:
         self.cfg = cfg
         self.variant = cfg["variant"]
         self.policy = load_policy(cfg["policy"])
+        if cfg.get("threads") is not None:  # both variants alike (see --threads)
+            self.policy = self.policy.merged({"runtime": {"intra_op_threads": int(cfg["threads"])}})
         self.engine = Engine(cfg["folder"], pm=get_plugin_manager(entry_points=False), policy=self.policy)
         self.spec = self.engine.spec
         self.rng = np.random.default_rng(0)
@@ -495,7 +497,8 @@ def run_model(model: str, args, say) -> dict:
     workers = {}
     try:
         for v in variants:
-            workers[v] = WorkerProc({"variant": v, "folder": str(folder), "policy": args.policy, "prompt": prompt})
+            workers[v] = WorkerProc({"variant": v, "folder": str(folder), "policy": args.policy, "prompt": prompt,
+                                     "threads": args.threads or None})
         samples: dict[str, dict[int, list[dict]]] = {v: {n: [] for n in lengths} for v in variants}
         for n in lengths:
             for r in range(repeats):
@@ -592,7 +595,8 @@ def _mib(b: float) -> str:
 def print_tables(out: dict) -> None:
     for m in out["models"]:
         print(f"\ndecode speed vs context — {m['model']} ({m['fill']} fill{', cache reused across repeats' if m.get('reuse') else ''}, "
-              f"{m['steps']} timed steps x {m['repeats']} repeats, policy {out['policy']!r} for 'compressed')")
+              f"{m['steps']} timed steps x {m['repeats']} repeats, policy {out['policy']!r} for 'compressed', "
+              f"{out.get('threads') or 'default'} intra-op thread(s))")
         if m["info"].get("description"):
             print(f"  {m['info']['description']}")
         hdr = (f"{'T':>6s} {'variant':10s} {'tok/s':>8s} {'vs fp':>6s} {'med':>6s} {'best':>6s} {'ms/step':>8s} {'graph':>7s} {'store':>6s} "
@@ -679,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="embedded,synthetic")
     ap.add_argument("--variants", default="fp,compressed", help="comma-separated: fp, compressed, fp16")
     ap.add_argument("--policy", default="default", help="preset of the compressed variant")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="onnxruntime intra-op threads of every variant's session (default 1: "
+                         "single-stream decode; 0 = the policy's setting, i.e. ORT's default)")
     ap.add_argument("--lengths", default="", help="e.g. 'embedded=64,448;synthetic=512,8192'")
     ap.add_argument("--steps", type=int, default=0, help="timed decode steps per measurement")
     ap.add_argument("--repeats", type=int, default=0)
@@ -697,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     from lemonade_inferos.sysinfo import machine_description
 
     t0 = time.perf_counter()
-    out = {"benchmark": "kv_speed", "quick": args.quick, "policy": args.policy, "machine": machine_description(),
+    out = {"benchmark": "kv_speed", "quick": args.quick, "policy": args.policy, "threads": args.threads,
+           "machine": machine_description(),
            "code": code_state(),
            "models": [run_model(m, args, say) for m in args.models.split(",")]}
     out["targets"] = targets(out)
