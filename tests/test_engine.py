@@ -153,6 +153,18 @@ def test_iobinding_off_gives_the_same_tokens(engine):
     assert on.token_ids == off.token_ids
 
 
+def test_iobinding_off_gives_the_same_tokens_with_the_tiered_store(engine):
+    """The decode loop keeps one IOBinding and rebinds only changed objects (in-place
+    updated buffers stay bound); across re-tiering (tier arrays replaced) it must produce
+    exactly what plain session.run does."""
+    cfg = GenerationConfig(max_new_tokens=200)
+    on = engine.generate("Tom had a ball", cfg, policy=load_policy("default"))
+    off = engine.generate("Tom had a ball", cfg,
+                          policy=load_policy("default").merged({"io": {"enable_iobinding": False}}))
+    assert on.stats.kv.blocks >= 2 and on.stats.kv.tokens_evicted > 0  # re-tiered, evicted
+    assert on.token_ids == off.token_ids
+
+
 def test_sessions_are_cached_by_session_affecting_fields(embedded_model):
     eng = Engine(embedded_model, pm=get_plugin_manager(entry_points=False))
     base = load_policy("default").merged({"kv": {"mode": "disabled"}})
