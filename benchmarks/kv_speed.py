@@ -72,7 +72,7 @@ RESULTS = HERE / "results"
 
 MODEL_DEFAULTS = {
     # name: (lengths, timed steps per measurement, repeats, fill, reuse the filled cache)
-    "embedded": ([64, 128, 256, 448], 32, 15, "model", False),
+    "embedded": ([64, 128, 256, 448], 32, 41, "model", False),
     "synthetic": ([512, 1024, 2048, 4096, 8192], 16, 10, "random", True),
 }
 QUICK = {
