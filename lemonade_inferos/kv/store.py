@@ -39,8 +39,9 @@ Re-tiering rebuilds a tier's arrays block-wise in that layout (kept blocks are s
 new blocks are appended; packed INT4 zero points are unpacked to the same graph order,
 rebuilt the same way and packed again). A block leaving L0 is quantized straight from its
 (contiguous) columns of the channel-major L0 buffer, which already is the graph layout
-(:meth:`TieredKVCache._quantize_cm`, arithmetic identical to
-:func:`~lemonade_inferos.kv.quantize.quantize`); only INT8->INT4 re-quantized blocks go
+(:meth:`TieredKVCache._quantize_l0_block`: keys and values in one pass when their groups
+have the same size, arithmetic identical to :func:`~lemonade_inferos.kv.quantize.quantize`);
+only INT8->INT4 re-quantized blocks go
 through the unpacked "canonical" form. Tier arrays are allocated at exactly their size (no
 spare capacity), so the memory accounting above is unchanged.
 
