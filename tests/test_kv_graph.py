@@ -125,8 +125,7 @@ def test_split_before_dequant_graph_matches_numpy_dequant(tmp_path, monkeypatch,
 
 def test_nibble_unpack_exact():
     """The uint8 unpack of the L2 code bytes (DequantizeLinear -> QuantizeLinear, Mul, Sub)
-    gives byte >> 4 and byte & 15
-    for every byte value."""
+    gives byte >> 4 and byte & 15 for every byte value."""
     from onnx import TensorProto, helper
 
     from lemonade_inferos.kv.graph import TieredKVAdapter

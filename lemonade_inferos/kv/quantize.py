@@ -125,6 +125,29 @@ def bits_per_element(bits: int, group: int, scale_bits: int = 16, zero_bits: int
     return bits + (scale_bits + zb) / group
 
 
+def quantize_groups(g: np.ndarray, bits: int, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arithmetic of :func:`quantize` on values already arranged in groups: every
+    slice along ``axis`` of the float32 array ``g`` (non-empty) is one group.
+
+    Returns ``(q, scale, zero)``: codes uint8 (shape of ``g``), scale float16 and zero
+    point uint8 with ``axis`` kept at length 1. No input checks (callers validate);
+    NaN/inf in ``g`` give a non-finite scale.
+    """
+    qmax = (1 << bits) - 1
+    lo = np.minimum(g.min(axis=axis, keepdims=True), 0.0)
+    hi = np.maximum(g.max(axis=axis, keepdims=True), 0.0)
+    s = np.maximum((hi - lo) / qmax, MIN_SCALE).astype(np.float32)
+    s16 = s.astype(np.float16)
+    # round the scale up so the range stays covered
+    s16 = np.where(s16.astype(np.float32) < s, np.nextafter(s16, np.float16(np.inf)), s16)
+    sf = s16.astype(np.float32)
+    zero = np.clip(np.rint(-lo / sf), 0, qmax)
+    q = np.rint(g / sf)
+    q += zero
+    np.clip(q, 0, qmax, out=q)
+    return q.astype(np.uint8), s16, zero.astype(np.uint8)
+
+
 def quantize(x: np.ndarray, bits: int, *, axis: int, group: int) -> QuantizedTensor:
     """Asymmetric group quantization of ``x`` along ``axis`` in groups of ``group``.
 
@@ -149,23 +172,18 @@ def quantize(x: np.ndarray, bits: int, *, axis: int, group: int) -> QuantizedTen
     axis = _check_axis_group(x.shape, axis, group)
     if x.size and not np.isfinite(x).all():
         raise ValueError("x contains NaN or infinity")
-    qmax = (1 << bits) - 1
     g = _grouped(x.astype(np.float32, copy=False), axis, group)
     red = axis + 1
-    lo = np.minimum(g.min(axis=red, keepdims=True), 0.0) if g.size else np.zeros(g.shape[:red] + (1,) + g.shape[red + 1:], np.float32)
-    hi = np.maximum(g.max(axis=red, keepdims=True), 0.0) if g.size else lo
-    s = np.maximum((hi - lo) / qmax, MIN_SCALE).astype(np.float32)
-    s16 = s.astype(np.float16)
-    low = s16.astype(np.float32) < s  # round the scale up so the range stays covered
-    if low.any():
-        s16[low] = np.nextafter(s16[low], np.float16(np.inf))
-    sf = s16.astype(np.float32)
-    zero = np.clip(np.rint(-lo / sf), 0, qmax)
-    q = np.clip(np.rint(g / sf) + zero, 0, qmax).astype(np.uint8)
+    if g.size:
+        q, s16, zero = quantize_groups(g, bits, red)
+    else:
+        q = g.astype(np.uint8)
+        s16 = np.zeros(g.shape[:red] + (1,) + g.shape[red + 1:], np.float16)
+        zero = s16.astype(np.uint8)
     return QuantizedTensor(
         q=q.reshape(x.shape),
         scale=np.squeeze(s16, axis=red),
-        zero=np.squeeze(zero.astype(np.uint8), axis=red),
+        zero=np.squeeze(zero, axis=red),
         bits=bits,
         axis=axis,
         group=int(group),

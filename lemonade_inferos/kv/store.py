@@ -67,7 +67,7 @@ from ..types import KVStats
 from .base import KVCache
 from .graph import ATTN_MASS, KINDS, L0, L2_CODES, L2_ZERO, LEVEL_BITS, NEW_KV, GraphLayout, ensure_graph, input_names
 from .importance import block_mass, block_mass_mean, fallback_scores
-from .quantize import MIN_SCALE, dequantize, quantize, stored_nbytes
+from .quantize import dequantize, quantize, quantize_groups, stored_nbytes
 from .tiers import MODES, assign_levels
 
 IMPORTANCE = ("h2o_mean", "h2o", "recency_norm", "none")
@@ -228,27 +228,17 @@ def unpack_half(p: np.ndarray) -> np.ndarray:
 
 
 def _quantize_rows(r: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric quantization of every column of ``r`` (float32 ``[g, R]``, one group per
-    column) with exactly the arithmetic of :func:`~lemonade_inferos.kv.quantize.quantize`:
-    returns codes uint8 ``[g, R]``, scale float16 ``[R]``, zero point uint8 ``[R]``.
+    """:func:`~lemonade_inferos.kv.quantize.quantize_groups` of every column of ``r``
+    (float32 ``[g, R]``, one group per column): codes uint8 ``[g, R]``, scale float16
+    ``[R]``, zero point uint8 ``[R]``.
 
     Raises:
         ValueError: ``r`` contains NaN or infinity.
     """
-    qmax = (1 << bits) - 1
-    lo = np.minimum(r.min(axis=0), 0.0)
-    hi = np.maximum(r.max(axis=0), 0.0)
-    s = np.maximum((hi - lo) / qmax, MIN_SCALE).astype(np.float32)
-    if not np.isfinite(s).all():  # NaN/inf propagate through min/max into the scale
+    if not np.isfinite(r).all():
         raise ValueError("x contains NaN or infinity")
-    s16 = s.astype(np.float16)
-    s16 = np.where(s16.astype(np.float32) < s, np.nextafter(s16, np.float16(np.inf)), s16)
-    sf = s16.astype(np.float32)
-    zero = np.clip(np.rint(-lo / sf), 0, qmax)
-    q = np.rint(r / sf)
-    q += zero
-    np.clip(q, 0, qmax, out=q)
-    return q.astype(np.uint8), s16, zero.astype(np.uint8)
+    q, s16, zero = quantize_groups(r, bits, 0)
+    return q, s16[0], zero[0]
 
 
 class _Tier:
@@ -370,7 +360,7 @@ class TieredKVCache(KVCache):
         One buffer, updated incrementally: a decode step only sets the column of the token
         appended since the last call."""
         cap, n0 = self._cap, self._n0
-        total = cap + self._q_tok.size + int(new_tokens)
+        total = self.past_length + int(new_tokens)
         if self._mask.shape[1] < total:
             self._mask = np.ones((1, total + self.config.block_len), np.int64)
             self._mask_state = None
@@ -428,7 +418,7 @@ class TieredKVCache(KVCache):
         if new.shape != (1, 2 * L * E, S):
             raise ValueError(f"{NEW_KV} has shape {new.shape}, expected {(1, 2 * L * E, S)}")
         n0, cap = self._n0, self._cap  # as presented to the run
-        P = cap + self._q_tok.size
+        P = self.past_length
         mass = outputs.get(ATTN_MASS) if hasattr(outputs, "get") else None
         if mass is not None:  # graph order: L0 columns (n0 used of cap), quantized, new
             mass = _as_array(mass)
