@@ -59,6 +59,14 @@ def _one(folder: Path, pattern: str) -> Path:
     return found[0]
 
 
+def _setuptools_build(hook: str, src: Path, out: Path) -> Path:
+    """Call setuptools' PEP 517/660 hook (``build_sdist``, ``build_editable``) as pip does."""
+    res = _check([sys.executable, "-c",
+                  f"from setuptools import build_meta as b; print(b.{hook}({str(out)!r}))"],
+                 cwd=str(src))
+    return out / res.stdout.strip().splitlines()[-1]
+
+
 def _assert_wheel_ships_pth(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -129,10 +137,7 @@ def test_wheel_from_source_ships_pth_and_it_loads(src, tmp_path):
 
 def test_sdist_carries_pth_source_and_builds_the_same_wheel(src, tmp_path):
     out = tmp_path / "dist"
-    res = _check([sys.executable, "-c",
-                  f"from setuptools import build_meta as b; print(b.build_sdist({str(out)!r}))"],
-                 cwd=str(src))
-    sdist = out / res.stdout.strip().splitlines()[-1]
+    sdist = _setuptools_build("build_sdist", src, out)
     with tarfile.open(sdist) as t:
         assert any(n.endswith("/hooks/lemonade/lemonade_inferos.pth") for n in t.getnames())
     _pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(sdist))
@@ -140,11 +145,7 @@ def test_sdist_carries_pth_source_and_builds_the_same_wheel(src, tmp_path):
 
 
 def test_editable_wheel_ships_pth_and_it_loads(src, tmp_path):
-    out = tmp_path / "dist"
-    res = _check([sys.executable, "-c",
-                  f"from setuptools import build_meta as b; print(b.build_editable({str(out)!r}))"],
-                 cwd=str(src))
-    wheel = out / res.stdout.strip().splitlines()[-1]
+    wheel = _setuptools_build("build_editable", src, tmp_path / "dist")
     _assert_wheel_ships_pth(wheel)
     with zipfile.ZipFile(wheel) as z:
         # site runs .pth files in name order: setuptools' editable finder must come first
