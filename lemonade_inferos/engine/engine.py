@@ -526,8 +526,13 @@ class Engine:
             self._guard = QualityGuard(lambda pol: evaluate_ids(self, self.calibration_ids(), pol), key=str(self.spec.folder))
         return self._guard
 
-    def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None) -> np.ndarray:
-        """Feed ``ids`` one token at a time through ``cache`` (the real cached decode path).
+    def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None,
+                              chunk: int = 1) -> np.ndarray:
+        """Feed ``ids`` through ``cache`` (the real cached decode path), ``chunk`` tokens per run.
+
+        With ``chunk=1`` every token reads all earlier tokens from the cache (the exact
+        decode path). With ``chunk=k`` a token reads the earlier tokens of its own run at
+        float32 (as prefill does) and everything before the run from the cache.
 
         Returns:
             float32 ``[len(ids), vocab]``: row ``i`` is the next-token logits after
@@ -535,15 +540,22 @@ class Engine:
 
         Raises:
             ContextLengthError: more ids than the model's context.
+            ValueError: ``chunk < 1``.
         """
         if len(ids) > self.spec.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of {self.spec.context_length}")
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk} must be >= 1")
         policy = policy or self.policy
         sess = self.session(cache.graph_file, policy)
         ro = prime_run_options(ort.RunOptions())
         out = np.empty((len(ids), self.spec.vocab_size), dtype=np.float32)
         step = np.zeros((1, 1), dtype=np.int64)
-        for i, t in enumerate(ids):
-            step[0, 0] = t
-            out[i] = self._run(sess, cache, step, i, ro, True)[-1]
+        for i in range(0, len(ids), chunk):
+            if chunk == 1:
+                step[0, 0] = ids[i]
+                out[i] = self._run(sess, cache, step, i, ro, True)[-1]
+            else:
+                piece = np.array([ids[i:i + chunk]], dtype=np.int64)
+                out[i:i + piece.shape[1]] = self._run(sess, cache, piece, i, ro, True)
         return out
