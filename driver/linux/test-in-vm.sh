@@ -82,6 +82,36 @@ MOD_WARNINGS=$(grep -c -i "warning:" "$RUN/build.log" || true)
 gcc -static -O2 -Wall -Werror -Wno-unused-result -o "$BUILD/vmtest" "$HERE/tests/vmtest.c" \
   >"$RUN/vmtest-build.log" 2>&1 || { cat "$RUN/vmtest-build.log" >&2; bail "vmtest build failed"; }
 
+# ---------------------------------------------------------------- python client in the VM
+# The guest mounts the host's root read-only over 9p and runs tests/vm_pyclient.py with the
+# project's interpreter (INFEROS_VM_PYTHON, default <repo>/.venv/bin/python) in a chroot.
+REPO="$(cd "$HERE/../.." && pwd)"
+PY="${INFEROS_VM_PYTHON:-$REPO/.venv/bin/python}"
+PYCLIENT=0; PYCLIENT_WHY=""
+NINEP_MODS=""
+if [ -x "$PY" ] && "$PY" -c "import numpy" 2>/dev/null; then
+  # 9p over virtio-pci and everything it depends on, in load order (from modules.dep)
+  declare -A SEEN=()
+  mod_order() {  # $1 = path relative to /lib/modules/$KVER
+    local m="$1" d
+    [ -n "${SEEN[$m]:-}" ] && return 0
+    SEEN[$m]=1
+    for d in $(grep "^$m:" "/lib/modules/$KVER/modules.dep" | cut -d: -f2); do mod_order "$d"; done
+    NINEP_MODS+="$m "
+  }
+  for want in 9p 9pnet_virtio virtio_pci; do
+    rel=$(grep -oE "^[^:]*/$want\.ko(\.xz|\.zst|\.gz)?:" "/lib/modules/$KVER/modules.dep" | head -1 | tr -d :)
+    if [ -z "$rel" ]; then
+      if grep -q "/$want.ko" "/lib/modules/$KVER/modules.builtin" 2>/dev/null; then continue; fi
+      PYCLIENT_WHY="kernel $KVER has no $want module"; break
+    fi
+    mod_order "$rel"
+  done
+  [ -z "$PYCLIENT_WHY" ] && PYCLIENT=1
+else
+  PYCLIENT_WHY="no interpreter with numpy at $PY (set INFEROS_VM_PYTHON)"
+fi
+
 # ---------------------------------------------------------------- accelerator
 ACCEL="${INFEROS_VM_ACCEL:-}"
 if [ -z "$ACCEL" ]; then
@@ -129,6 +159,20 @@ make_initramfs() {  # $1 = config name
   rm -rf "$dir"; mkdir -p "$dir/bin" "$dir/proc" "$dir/sys" "$dir/dev" "$dir/tmp"
   cp "$(command -v busybox)" "$dir/bin/busybox"
   cp "$BUILD/inferos.ko" "$BUILD/vmtest" "$dir/"
+  local loads="" m base
+  if [ "$PYCLIENT" = 1 ] && [ "$1" = base ]; then
+    mkdir -p "$dir/mods"
+    for m in $NINEP_MODS; do
+      base=$(basename "$m"); base="${base%%.ko*}"
+      case "$m" in
+        *.xz) xz -dc "/lib/modules/$KVER/$m" >"$dir/mods/$base.ko" ;;
+        *.zst) zstd -qdc "/lib/modules/$KVER/$m" >"$dir/mods/$base.ko" ;;
+        *.gz) gzip -dc "/lib/modules/$KVER/$m" >"$dir/mods/$base.ko" ;;
+        *) cp "/lib/modules/$KVER/$m" "$dir/mods/$base.ko" ;;
+      esac
+      loads+="$base "
+    done
+  fi
   cat >"$dir/init" <<EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -146,6 +190,20 @@ insmod /inferos.ko; tap \$? "insmod inferos.ko (default pool_size)"
 grep -q '^inferos ' /proc/modules; tap \$? "inferos listed in /proc/modules"
 /vmtest $POOL_BYTES >&3 2>&3
 echo "# vmtest exit status \$?" >&3
+if [ -n "$loads" ]; then
+  for m in $loads; do insmod /mods/\$m.ko || echo "# insmod \$m failed" >&3; done
+  mkdir -p /host
+  if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host; then
+    mount -t proc proc /host/proc; mount -t sysfs sysfs /host/sys
+    mount -t devtmpfs devtmpfs /host/dev; mount -t tmpfs tmpfs /host/tmp
+    chroot /host /usr/bin/env -i PATH=/usr/bin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
+      "$PY" "$REPO/driver/linux/tests/vm_pyclient.py" "$REPO" >&3 2>&3
+    echo "# vm_pyclient exit status \$?" >&3
+    umount /host/tmp /host/dev /host/sys /host/proc; umount /host
+  else
+    echo "not ok - py: mount the host root over 9p" >&3
+  fi
+fi
 rmmod inferos; tap \$? "rmmod inferos"
 [ ! -e /dev/inferos ]; tap \$? "/dev/inferos removed after rmmod"
 if [ $KMEMLEAK = 1 ]; then
@@ -176,12 +234,16 @@ for cfg in $CONFIGS; do
   [ "$cfg" = debug ] && append+=" $DEBUG_APPEND"
   make_initramfs "$cfg"
   log "booting config '$cfg' ($ACCEL): $append"
+  virtfs=()
+  if [ "$PYCLIENT" = 1 ] && [ "$cfg" = base ]; then
+    virtfs=(-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
+  fi
   t0=$(date +%s)
   set +e
   timeout "$TIMEOUT" qemu-system-x86_64 -accel "$ACCEL" -cpu "$CPU" -m "$MEM_MB" -smp "$SMP" \
     -nodefaults -nographic -no-reboot \
     -kernel "/boot/vmlinuz-$KVER" -initrd "$RUN/initramfs-$cfg.cpio" -append "$append" \
-    -serial "file:$RUN/console-$cfg.log" -serial "file:$RUN/guest-$cfg.tap" \
+    -serial "file:$RUN/console-$cfg.log" -serial "file:$RUN/guest-$cfg.tap" "${virtfs[@]}" \
     </dev/null >"$RUN/qemu-$cfg.log" 2>&1
   rc=$?
   set -e
@@ -224,6 +286,8 @@ echo "1..$n"
 echo "# VM: accel=$ACCEL kernel=$KVER vcpus=$SMP mem=${MEM_MB}MiB $QEMU_VERSION"
 echo "# host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) CPUs"
 echo "# module build: $MOD_WARNINGS compiler warning(s)"
+if [ "$PYCLIENT" = 1 ]; then echo "# python client tested in config 'base' with $PY over 9p"
+else echo "# python client not tested in the VM: $PYCLIENT_WHY"; fi
 for a in "${AIDS_ON[@]}"; do echo "# debug aid enabled in config 'debug': $a"; done
 for a in "${AIDS_OFF[@]}"; do echo "# debug aid unavailable: $a"; done
 i=0
