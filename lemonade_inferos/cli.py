@@ -21,6 +21,7 @@ REGISTRARS = (
     "lemonade_inferos.commands",
     "lemonade_inferos.agent.cli",
     "lemonade_inferos.integrations.cli",
+    "lemonade_inferos.driver_cli",
 )
 
 EPILOG = """\

@@ -3,7 +3,13 @@
 # linux-image-amd64 in QEMU with an initramfs holding busybox, inferos.ko and the static test
 # program tests/vmtest.c, run every test inside the VM and print TAP on stdout.
 #
-#   sudo driver/linux/test-in-vm.sh [--config base|debug|all] [--bench-json FILE]
+#   sudo driver/linux/test-in-vm.sh [--config base|debug|all] [--bench-json FILE] [--no-install-test]
+#                                   [--guest-script FILE.py]
+#
+# In config 'base' the guest also mounts the host's root read-only over 9p and, chrooted into
+# it, runs tests/vm_pyclient.py (the Python client against the module) and, on a tmpfs overlay,
+# `inferos driver install --no-dkms` / `status` / `uninstall` (skip with --no-install-test);
+# --guest-script runs one more Python file there (a benchmark: its "# bench" lines go to JSON).
 #
 # Configs (each one boot):
 #   base   the kernel as shipped
@@ -17,14 +23,17 @@
 # ${INFEROS_DRIVER_CACHE:-~/.cache/inferos-driver}.  Progress goes to stderr, logs of the
 # last run to $CACHE/runs/last/.
 # Environment: INFEROS_VM_ACCEL=kvm|tcg (default: KVM when it works, else TCG),
-#              INFEROS_VM_TIMEOUT seconds per boot (default 240).
+#              INFEROS_VM_TIMEOUT seconds per boot (default 420),
+#              INFEROS_VM_PYTHON interpreter for the in-VM client test (default .venv/bin/python).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="${INFEROS_DRIVER_CACHE:-$HOME/.cache/inferos-driver}"
 CONFIGS="base debug"
 BENCH_JSON=""
-TIMEOUT="${INFEROS_VM_TIMEOUT:-240}"
+INSTALL_TEST=1
+GUEST_SCRIPT=""
+TIMEOUT="${INFEROS_VM_TIMEOUT:-420}"
 POOL_BYTES=$((256 * 1024 * 1024))
 MEM_MB=768
 SMP=2
@@ -36,7 +45,9 @@ while [ $# -gt 0 ]; do
                 *) echo "--config must be base, debug or all (got '$2')" >&2; exit 2 ;; esac
               shift 2 ;;
     --bench-json) BENCH_JSON="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --no-install-test) INSTALL_TEST=0; shift ;;
+    --guest-script) GUEST_SCRIPT="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -99,7 +110,7 @@ if [ -x "$PY" ] && "$PY" -c "import numpy" 2>/dev/null; then
     for d in $(grep "^$m:" "/lib/modules/$KVER/modules.dep" | cut -d: -f2); do mod_order "$d"; done
     NINEP_MODS+="$m "
   }
-  for want in 9p 9pnet_virtio virtio_pci; do
+  for want in 9p 9pnet_virtio virtio_pci overlay; do
     rel=$(grep -oE "^[^:]*/$want\.ko(\.xz|\.zst|\.gz)?:" "/lib/modules/$KVER/modules.dep" | head -1 | tr -d :)
     if [ -z "$rel" ]; then
       if grep -q "/$want.ko" "/lib/modules/$KVER/modules.builtin" 2>/dev/null; then continue; fi
@@ -199,7 +210,42 @@ if [ -n "$loads" ]; then
     chroot /host /usr/bin/env -i PATH=/usr/bin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
       "$PY" "$REPO/driver/linux/tests/vm_pyclient.py" "$REPO" >&3 2>&3
     echo "# vm_pyclient exit status \$?" >&3
-    umount /host/tmp /host/dev /host/sys /host/proc; umount /host
+    if [ -n "$GUEST_SCRIPT" ]; then   # e.g. a benchmark; its TAP and "# bench" lines are kept
+      chroot /host /usr/bin/env -i PATH=/usr/bin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
+        "$PY" "$GUEST_SCRIPT" >&3 2>&3
+      echo "# guest script exit status \$?" >&3
+    fi
+    umount /host/tmp /host/dev /host/sys /host/proc
+    # \`inferos driver install\` / uninstall end to end, on a writable overlay of the host root
+    mkdir -p /ovl; mount -t tmpfs tmpfs /ovl; mkdir -p /ovl/up /ovl/work /ovl/root
+    if [ $INSTALL_TEST = 0 ]; then
+      echo "# inferos driver install test skipped (--no-install-test)" >&3
+    elif mount -t overlay overlay -o lowerdir=/host,upperdir=/ovl/up,workdir=/ovl/work /ovl/root; then
+      R=/ovl/root
+      mount -t proc proc \$R/proc; mount -t sysfs sysfs \$R/sys; mount -t devtmpfs devtmpfs \$R/dev
+      mount -t tmpfs tmpfs \$R/tmp
+      CH="chroot \$R /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PYTHONDONTWRITEBYTECODE=1"
+      \$CH "$PY" -m lemonade_inferos.cli driver install --no-dkms --pool-size 64M >/tmp/install.log 2>&1
+      rc=\$?; sed 's/^/#   install: /' /tmp/install.log >&3
+      tap \$rc "inferos driver install --no-dkms --pool-size 64M (builds in the VM, reloads, sets permissions)"
+      perm=\$(\$CH stat -c '%a %U:%G' /dev/inferos 2>&1)
+      [ "\$perm" = "660 root:inferos" ]; tap \$? "after install: /dev/inferos is root:inferos 0660 (\$perm)"
+      [ "\$(cat /sys/module/inferos/parameters/pool_size 2>/dev/null)" = 67108864 ]
+      tap \$? "after install: the module runs with pool_size=67108864"
+      \$CH "$PY" -m lemonade_inferos.cli driver status >/tmp/status.log 2>&1
+      rc=\$?; sed 's/^/#   status: /' /tmp/status.log >&3; tap \$rc "inferos driver status exits 0 with the driver loaded"
+      \$CH "$PY" -m lemonade_inferos.cli driver uninstall >/tmp/un.log 2>&1
+      rc=\$?; sed 's/^/#   uninstall: /' /tmp/un.log >&3
+      [ \$rc = 0 ] && [ ! -e /sys/module/inferos ] && [ ! -e \$R/etc/udev/rules.d/70-inferos.rules ]
+      tap \$? "inferos driver uninstall unloads the module and removes its udev rule"
+      \$CH "$PY" -m lemonade_inferos.cli driver status >/dev/null 2>&1
+      [ \$? = 1 ]; tap \$? "inferos driver status exits 1 once the driver is gone"
+      umount \$R/tmp \$R/dev \$R/sys \$R/proc; umount \$R
+      insmod /inferos.ko   # for the rmmod check below
+    else
+      echo "not ok - mount an overlay of the host root for the install test" >&3
+    fi
+    umount /ovl 2>/dev/null; umount /host
   else
     echo "not ok - py: mount the host root over 9p" >&3
   fi
@@ -311,7 +357,7 @@ if [ -n "$BENCH_JSON" ] && [ ${#BENCH_LINES[@]} -gt 0 ]; then
     k=0
     for b in "${BENCH_LINES[@]}"; do
       k=$((k + 1)); name="${b%% *}"; rest="${b#* }"
-      fields=$(echo "$rest" | sed -E 's/([a-z_0-9]+)=([0-9]+)/"\1": \2,/g; s/,$//')
+      fields=$(echo "$rest" | sed -E 's/([a-z_0-9]+)=([0-9.]+)/"\1": \2,/g; s/,$//')
       sep=","; [ "$k" = "${#BENCH_LINES[@]}" ] && sep=""
       echo "    \"$name\": {$fields}$sep"
     done
