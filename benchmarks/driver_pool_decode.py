@@ -55,7 +55,7 @@ class PoolTieredKVCache(TieredKVCache):
 
             @staticmethod
             def zeros(shape, dtype=float):
-                if len(shape) == 3 and real_np.dtype(dtype) == real_np.float16:
+                if isinstance(shape, tuple) and len(shape) == 3 and real_np.dtype(dtype) == real_np.float16:
                     nbytes = int(real_np.prod(shape)) * 2
                     blk = drv.alloc_pinned(nbytes)   # zero-filled by the driver
                     blocks.append(blk)
