@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in boots[0]["results"]:
         vals = [bt["results"][name] for bt in boots if name in bt["results"]]
         summary[name] = {k: statistics.median(v[k] for v in vals) for k in vals[0]}
-    out = {"vm": vm, "boots": args.boots, "summary": summary, "per_boot": [bt["results"] for bt in boots]}
+    from _common import code_state
+
+    out = {"vm": vm, "boots": args.boots, "code": code_state(), "summary": summary,
+           "per_boot": [bt["results"] for bt in boots]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 

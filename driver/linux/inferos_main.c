@@ -127,6 +127,14 @@ static void release_block_locked(struct inferos_block *blk)
 	kfree(blk);
 }
 
+static void drop_request_locked(struct inferos_req *req)
+{
+	xa_erase(&inferos_requests, req->id);
+	list_del(&req->node);
+	stats.in_flight--;
+	kfree(req);
+}
+
 /* ------------------------------------------------------------------ file ops */
 
 static int inferos_open(struct inode *inode, struct file *file)
@@ -161,10 +169,7 @@ static int inferos_release(struct inode *inode, struct file *file)
 		nblocks++;
 	}
 	list_for_each_entry_safe(req, rtmp, &f->requests, node) {
-		xa_erase(&inferos_requests, req->id);
-		list_del(&req->node);
-		kfree(req);
-		stats.in_flight--;
+		drop_request_locked(req);
 		stats.aborted++;
 		nreqs++;
 	}
@@ -436,12 +441,8 @@ static long do_request_begin(struct inferos_file *f, struct inferos_request __us
 	if (copy_to_user(uarg, &r, sizeof(r))) {
 		mutex_lock(&inferos_lock);
 		/* still ours unless a guessed handle was ended meanwhile */
-		if (xa_load(&inferos_requests, r.handle) == req) {
-			xa_erase(&inferos_requests, req->id);
-			list_del(&req->node);
-			stats.in_flight--;
-			kfree(req);
-		}
+		if (xa_load(&inferos_requests, r.handle) == req)
+			drop_request_locked(req);
 		mutex_unlock(&inferos_lock);
 		return -EFAULT;
 	}
@@ -472,13 +473,10 @@ static long do_request_end(struct inferos_file *f, struct inferos_request __user
 	} else {
 		latency_us = (r.flags & INFEROS_REQ_KERNEL_TIME) ?
 			ktime_us_delta(ktime_get(), req->start) : r.latency_us;
-		xa_erase(&inferos_requests, req->id);
-		list_del(&req->node);
-		stats.in_flight--;
+		drop_request_locked(req);
 		stats.completed++;
 		stats.tokens += r.tokens;
 		stats.total_latency_us += latency_us;
-		kfree(req);
 	}
 	mutex_unlock(&inferos_lock);
 	return ret;

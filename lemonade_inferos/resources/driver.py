@@ -34,6 +34,7 @@ import math
 import mmap
 import os
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -455,11 +456,12 @@ class PinnedBlock:
             raise ValueError(f"array {shp} {dt} at offset {offset} needs bytes [{offset}, "
                              f"{offset + need}) but the block has {self.size} bytes "
                              f"(offset must be >= 0 and a multiple of {dt.alignment})")
-        if self._view is None:
-            if self._driver._transport is None:
-                raise ValueError("driver is closed")
-            self._view, self._unmap = self._driver._transport.map_block(self.offset, self.size)
-        return np.frombuffer(self._view, dtype=dt, count=count, offset=offset).reshape(shp)
+        with self._driver._lock:
+            if self._view is None:
+                if self._driver._transport is None:
+                    raise ValueError("driver is closed")
+                self._view, self._unmap = self._driver._transport.map_block(self.offset, self.size)
+            return np.frombuffer(self._view, dtype=dt, count=count, offset=offset).reshape(shp)
 
     def _release_mapping(self) -> None:
         if self._unmap is not None:
@@ -480,7 +482,8 @@ class InferosDriver:
 
     Every method raises OSError with the driver's errno (EINVAL, ENOMEM, ENOENT, EPERM, EBUSY,
     ...; see driver/README.md) when the driver rejects a call, and ValueError for arguments
-    rejected before reaching it.  Not thread-safe: one instance per thread, or lock around it.
+    rejected before reaching it.  Thread-safe: concurrent requests may share one handle (the
+    driver serializes in the kernel; the block table here is under a lock).
     """
 
     DEFAULT_PATH = WINDOWS_DEVICE if sys.platform == "win32" else LINUX_DEVICE
@@ -488,6 +491,7 @@ class InferosDriver:
     def __init__(self, transport: Any):
         self._transport = transport
         self._blocks: dict[int, PinnedBlock] = {}
+        self._lock = threading.RLock()
         try:
             raw = transport.transact("GET_INFO", IOCTL_GET_INFO, None, InfoRaw)
         except OSError as e:
@@ -537,7 +541,8 @@ class InferosDriver:
             raise ValueError("driver is closed")
         raw = self._transport.transact("ALLOC_PINNED", IOCTL_ALLOC_PINNED, AllocRaw(size=int(nbytes)), AllocRaw)
         blk = PinnedBlock(self, int(raw.offset), int(raw.size))
-        self._blocks[blk.offset] = blk
+        with self._lock:
+            self._blocks[blk.offset] = blk
         return blk
 
     def free_pinned(self, block_or_offset: PinnedBlock | int) -> None:
@@ -545,13 +550,14 @@ class InferosDriver:
         OSError(EBUSY) if numpy arrays over it are still alive, OSError(ENOENT/EPERM) for an
         offset this handle does not own."""
         offset = block_or_offset.offset if isinstance(block_or_offset, PinnedBlock) else int(block_or_offset)
-        if self._transport is None:
-            raise ValueError("driver is closed")
-        blk = self._blocks.get(offset)
-        if blk is not None:
-            blk._release_mapping()
-        self._transport.transact("FREE_PINNED", IOCTL_FREE_PINNED, FreeRaw(offset=offset), None)
-        self._blocks.pop(offset, None)
+        with self._lock:
+            if self._transport is None:
+                raise ValueError("driver is closed")
+            blk = self._blocks.get(offset)
+            if blk is not None:
+                blk._release_mapping()
+            self._transport.transact("FREE_PINNED", IOCTL_FREE_PINNED, FreeRaw(offset=offset), None)
+            self._blocks.pop(offset, None)
 
     # -- request accounting
     def request_begin(self) -> int:
@@ -584,16 +590,17 @@ class InferosDriver:
         descriptor.  Blocks still viewed stay valid, and with them the descriptor inside the
         kernel; the driver releases them, and this handle's in-flight requests, when the last
         view is gone."""
-        if self._transport is None:
-            return
-        for blk in list(self._blocks.values()):
-            try:
-                self.free_pinned(blk)
-            except OSError:
-                pass  # arrays still alive: that mapping (and the file) outlive this handle
-        self._blocks.clear()
-        self._transport.close()
-        self._transport = None
+        with self._lock:
+            if self._transport is None:
+                return
+            for blk in list(self._blocks.values()):
+                try:
+                    self.free_pinned(blk)
+                except OSError:
+                    pass  # arrays still alive: that mapping (and the file) outlive this handle
+            self._blocks.clear()
+            self._transport.close()
+            self._transport = None
 
     def __enter__(self) -> "InferosDriver":
         return self
