@@ -274,6 +274,8 @@ BAD_KERNEL_RE='WARNING:|BUG:|Oops|general protection fault|Kernel panic|kernel B
 TAP_LINES=()
 BENCH_LINES=()
 add() { TAP_LINES+=("$1"); }
+if [ "$MOD_WARNINGS" = 0 ]; then add "ok - module builds against $KVER headers without compiler warnings"
+else add "not ok - module builds against $KVER headers without compiler warnings ($MOD_WARNINGS)"; fi
 
 for cfg in $CONFIGS; do
   append="console=ttyS0 panic=-1 oops=panic"

@@ -7,8 +7,7 @@ with gcc.
 
 * Linux: ``fcntl.ioctl`` on the device and ``mmap`` of each pinned block (offset = the block's
   offset returned by ALLOC_PINNED).  Tested against the real module inside QEMU
-  (``driver/linux/test-in-vm.sh``) through the C test program; this Python client is tested
-  on marshalling and on the absent-device path.
+  (``driver/linux/test-in-vm.sh`` runs ``driver/linux/tests/vm_pyclient.py`` in the VM).
 * Windows: ``DeviceIoControl`` through ctypes with the same command values
   (``CTL_CODE(FILE_DEVICE_UNKNOWN, 0x804.., METHOD_BUFFERED, FILE_ANY_ACCESS)``) and the
   MAP_PINNED IOCTL instead of mmap.  No Windows driver exists (a KMDF driver is out of scope):
