@@ -23,6 +23,7 @@ REGISTRARS = (
     "lemonade_inferos.model_cli",
     "lemonade_inferos.agent.cli",
     "lemonade_inferos.integrations.cli",
+    "lemonade_inferos.driver_cli",
 )
 
 EPILOG = """\
