@@ -60,14 +60,18 @@ def register(sub: Any) -> None:
     c = sub.add_parser(
         "convert",
         help="convert a checkpoint into a model folder (ONNX decoder + genai_config + tokenizer)",
-        description="Convert a llama2.c checkpoint and tokenizer into a model folder that inferos, "
-        "onnxruntime-genai and Hugging Face AutoTokenizer can load.",
+        description="Convert a checkpoint into a model folder that inferos, onnxruntime-genai and "
+        "Hugging Face AutoTokenizer can load. OUT is written beside itself and swapped in when "
+        "complete; an existing OUT is replaced only when it is a previous inferos model folder "
+        "(it holds inferos_manifest.json) or empty — anything else needs --force. Inputs, the "
+        "current directory and its parents are never replaced.",
     )
-    c.add_argument("format", choices=["llama2c"], help="checkpoint format")
-    c.add_argument("checkpoint", help="llama2.c .bin checkpoint")
-    c.add_argument("tokenizer", help="llama2.c tokenizer .bin")
-    c.add_argument("out_dir", help="output model folder")
-    c.set_defaults(func=cmd_convert)
+    formats = c.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    register_convert_format(
+        formats, "llama2c", cmd_convert,
+        help="llama2.c checkpoint + tokenizer (.bin files)",
+        args=[("checkpoint", "llama2.c .bin checkpoint"), ("tokenizer", "llama2.c tokenizer .bin")],
+    )
 
     e = sub.add_parser(
         "eval",
@@ -80,6 +84,27 @@ def register(sub: Any) -> None:
     _add_model_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
+
+
+def add_convert_output_args(p: argparse.ArgumentParser) -> None:
+    """Add what every ``inferos convert FORMAT`` takes after its inputs: ``OUT`` and ``--force``
+    (used by :func:`register_convert_format`)."""
+    p.add_argument("out_dir", metavar="OUT", help="output model folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT even when it is not an inferos model folder (a file or a non-empty directory)")
+
+
+def register_convert_format(formats: Any, name: str, func: Any, *, help: str,
+                            args: list[tuple[str, str]]) -> argparse.ArgumentParser:
+    """Add ``inferos convert NAME ARGS... OUT [--force]``: positional ``args`` as
+    ``(dest, help)`` pairs, then the common options; ``func(args)`` runs it and writes
+    ``args.out_dir`` with :mod:`lemonade_inferos.model.output_dir` honouring ``args.force``."""
+    p = formats.add_parser(name, help=help, description=help)
+    for dest, h in args:
+        p.add_argument(dest, help=h)
+    add_convert_output_args(p)
+    p.set_defaults(func=func)
+    return p
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -212,7 +237,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not Path(p).is_file():
             return _fail(f"{label} file {p!r} does not exist")
     try:
-        out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, progress=lambda msg: print(msg, file=sys.stderr))
+        out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, force=args.force,
+                              progress=lambda msg: print(msg, file=sys.stderr))
     except ValueError as e:
         return _fail(str(e))
     print(out)

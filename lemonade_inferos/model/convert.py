@@ -6,17 +6,17 @@ onnxruntime-genai's ``og.Model``), ``tokenizer.json``, ``tokenizer_config.json``
 ``special_tokens_map.json``, ``LICENSE`` (attribution) and ``inferos_manifest.json``
 (source hashes + converter version, so an up-to-date folder is not rebuilt).
 
-Files are written into a temporary sibling directory which is then renamed into place,
-so an interrupted conversion never leaves a half-written folder at ``out_dir``.
+The folder is written through :mod:`lemonade_inferos.model.output_dir`: into a staging
+directory beside ``out_dir`` that is renamed into place when complete, so an interrupted
+conversion never leaves a half-written folder, and an existing ``out_dir`` is replaced only
+when it is a previous inferos model folder or empty (``force=True`` for anything else;
+inputs are never removed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +24,11 @@ import onnx
 
 from .export import StandardKVAdapter, build_decoder
 from .llama2c import Llama2cWeights, load_llama2c
+from .output_dir import MANIFEST, staged_output_dir
 from .tokenizer import BOS_ID, EOS_ID, Llama2cTokenizer
 
 #: bump when the produced files change, so cached conversions are rebuilt.
 CONVERTER_VERSION = "7"
-MANIFEST = "inferos_manifest.json"
 
 ATTRIBUTION = """\
 This model folder was converted by lemonade-inferos from a llama2.c checkpoint.
@@ -155,37 +155,41 @@ def convert_llama2c(
     *,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    rebuild: bool = False,
 ) -> Path:
     """Convert a llama2.c checkpoint and tokenizer into a model folder.
 
     Args:
         checkpoint: llama2.c ``.bin`` weights (legacy export version 0).
         tokenizer: llama2.c tokenizer ``.bin`` with exactly ``vocab_size`` tokens.
-        out_dir: folder to create or replace.
+        out_dir: folder to create, or a previous inferos model folder / empty directory to
+            replace (see :mod:`lemonade_inferos.model.output_dir`).
         progress: called with a short message at each stage.
-        force: convert even when ``out_dir`` is already up to date.
+        force: also replace an ``out_dir`` that is not an inferos model folder (a file or a
+            non-empty directory); inputs, the current directory and its parents are never
+            replaced.
+        rebuild: convert even when ``out_dir`` is already up to date.
 
     Returns:
-        ``out_dir`` resolved.
+        ``out_dir`` as an absolute path.
 
     Raises:
         FileNotFoundError: an input is missing.
         ValueError: an input is corrupt (message names the file and problem).
+        OutputDirError (a ValueError): ``out_dir`` may not be replaced; nothing was written.
         OSError: the folder cannot be written.
     """
     say = progress or (lambda _msg: None)
     checkpoint, tokenizer = Path(checkpoint), Path(tokenizer)
-    out = Path(out_dir).expanduser().resolve()
-    if not force and is_up_to_date(out, checkpoint, tokenizer):
+    out = Path(out_dir).expanduser().absolute()
+    if not rebuild and is_up_to_date(out, checkpoint, tokenizer):
         say(f"{out} is up to date")
         return out
     manifest = expected_manifest(checkpoint, tokenizer)
-    say(f"loading {checkpoint}")
-    weights = load_llama2c(checkpoint)
-    tok = Llama2cTokenizer.load(tokenizer, weights.config.vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_output_dir(out, force=force, inputs=[checkpoint, tokenizer]) as tmp:
+        say(f"loading {checkpoint}")
+        weights = load_llama2c(checkpoint)
+        tok = Llama2cTokenizer.load(tokenizer, weights.config.vocab_size)
         say("building ONNX decoder graph")
         model = build_decoder(weights)
         onnx.save_model(model, str(tmp / "model.onnx"))
@@ -202,27 +206,5 @@ def convert_llama2c(
         manifest["config"] = {k: getattr(weights.config, k) for k in (
             "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {out}")
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` folder to ``dst``, replacing an old ``dst`` atomically
-    enough: the old folder is renamed aside first, then removed."""
-    os.chmod(src, 0o755)
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.rmdir(old)
-        os.rename(dst, old)
-        try:
-            os.rename(src, dst)
-        except OSError:
-            os.rename(old, dst)  # put the previous version back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
