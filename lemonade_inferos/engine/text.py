@@ -29,7 +29,9 @@ class TextCodec:
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Token ids of ``text``; starts with BOS when ``bos`` (added once, never twice)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while the Rust tokenizer runs (encode holds it), so a
+        # long prompt tokenized in a worker thread does not stall the server's event loop
+        ids = self.tok.encode_batch([text], add_special_tokens=False)[0].ids
         if bos and (not ids or ids[0] != self.spec.bos_token_id):
             ids = [self.spec.bos_token_id, *ids]
         return ids
