@@ -61,7 +61,7 @@ def tok(stories_paths):
 
 
 @pytest.fixture(scope="module")
-def serve_process(embedded_model):
+def serve_process(embedded_model, tmp_path_factory):
     """``inferos serve`` on the embedded model in its own process (so a client in this
     process measures the server, not a shared GIL), on a free loopback port with
     ``--max-tokens 16``. Yields the base URL; the process is stopped afterwards."""
@@ -75,16 +75,18 @@ def serve_process(embedded_model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "lemonade_inferos.cli", "serve", "-m", str(embedded_model), "--port", str(port),
          "--max-tokens", "16"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ})
+        stdout=subprocess.DEVNULL, stderr=log_file, text=True, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"inferos serve exited: {proc.stderr.read()}")
+                raise RuntimeError(f"inferos serve exited: {log_path.read_text()}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
@@ -101,3 +103,4 @@ def serve_process(embedded_model):
         except subprocess.TimeoutExpired:  # pragma: no cover - stuck shutdown
             proc.kill()
             proc.wait()
+        log_file.close()

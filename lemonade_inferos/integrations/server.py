@@ -134,7 +134,10 @@ def _bad(param: str, value: Any, allowed: str) -> APIError:
 
 # -- field validation -----------------------------------------------------------------------
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number that fits a float (``10**400`` is an int JSON allows, not a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) < 1.7e308 if isinstance(v, int) else math.isfinite(v)
 
 
 def _number(body: dict, name: str, lo: float | None, hi: float | None, allowed: str, *, lo_open: bool = False) -> float | None:
