@@ -35,7 +35,7 @@ from ..plugins import InferosManager, NoopManager, get_plugin_manager
 from ..ort_options import prime_run_options
 from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
-from ..types import InferenceContext, KVStats, RunStats
+from ..types import InferenceContext, KVStats, RunStats, prompt_fingerprint
 from .sampling import GenerationConfig, log_softmax, select_token
 from .text import IncrementalDetokenizer, StopStream, TextCodec
 
@@ -309,7 +309,8 @@ class Engine:
         pm: InferosManager = NoopManager() if baseline else self.pm
         base = baseline_policy() if baseline else (policy or self.policy)
         t0 = time.perf_counter()
-        stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline)
+        stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline,
+                         prompt_hash=prompt_fingerprint(ids))
         try:
             eff = pm.before_request(context, base)
             if eff.quality.guard and eff.kv.mode != "disabled" and self.backend == "ort":
