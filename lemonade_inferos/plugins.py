@@ -75,14 +75,20 @@ class PluginError(RuntimeError):
                          + (f": {detail}" if detail else ""))
 
 
+BUILTIN_PREFIX = "inferos."
+
+
 def _call(impl: Any, hook: str, kwargs: dict[str, Any]) -> Any:
-    """Call one hook implementation with the arguments it declares; its exception becomes a
-    :class:`PluginError` naming it."""
+    """Call one hook implementation with the arguments it declares; a third-party plugin's
+    exception becomes a :class:`PluginError` naming it. The built-in plugins' (``inferos.*``)
+    errors pass unchanged: they already say what is wrong (e.g. a ``PolicyError``)."""
     try:
         return impl.function(**{k: kwargs[k] for k in impl.argnames})
     except PluginError:
         raise
     except Exception as e:
+        if str(impl.plugin_name).startswith(BUILTIN_PREFIX):
+            raise
         raise PluginError(impl.plugin_name, hook, e) from e
 
 
@@ -182,8 +188,9 @@ class InferosManager:
         for impl in _impls(self.pm.hook.after_request):
             try:
                 _call(impl, "after_request", {"context": context, "stats": stats})
-            except PluginError as e:
-                log.error("%s (the request's result is kept)", e, exc_info=log.isEnabledFor(logging.DEBUG))
+            except Exception as e:
+                err = e if isinstance(e, PluginError) else PluginError(impl.plugin_name, "after_request", e)
+                log.error("%s (the request's result is kept)", err, exc_info=log.isEnabledFor(logging.DEBUG))
 
     def on_request_error(self, context: Any, error: BaseException) -> None:
         for impl in _impls(self.pm.hook.on_request_error):
