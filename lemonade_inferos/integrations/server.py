@@ -44,6 +44,15 @@ Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 
 ``invalid_request_error`` names the field, the value and what is allowed; a prompt that
 leaves no room in the context (``prompt_tokens >= ctx``) is 400 with code
 ``context_length_exceeded``.
+Anything that goes wrong on the server's side (a plugin, the policy's KV store, the model)
+is 500 ``server_error`` naming the cause, never a 400.
+
+Request guard (:mod:`~lemonade_inferos.integrations.serve_guard`, shared with the agent):
+``Host`` must be a loopback name, the bound address or an ``--allowed-host`` (421), bodies
+over ``--max-body-bytes`` get 413, bodies must be ``application/json`` (415), JSON nested
+deeper than 64 levels is 400. Parsing and tokenization run in worker threads. :func:`serve`
+binds the port and loads and runs the model (:meth:`Engine.preload`) before it answers
+``/health``.
 
 Usage and timings
 -----------------
