@@ -32,8 +32,12 @@ def host_plugin_manager(*, follow_agent_policy: bool = True, **kwargs: Any) -> I
 
 
 def build_engine(model: str | Path | None = None, policy: str | Path | Policy | None = None, **kwargs: Any) -> Any:
-    """An :class:`~lemonade_inferos.engine.Engine` for ``model`` (None = embedded model) with
-    the host plugin manager and ``policy`` (preset name, file, Policy, or None = default).
+    """An :class:`~lemonade_inferos.engine.Engine` for ``model`` with the host plugin manager
+    and ``policy`` (preset name, file, Policy, or None = default).
+
+    ``model`` is a model folder, a known model name (``smollm2-135m-instruct``: fetched and
+    converted on first use, see :mod:`lemonade_inferos.model.registry`), or None (the
+    embedded stories260K model).
 
     Policy precedence (the README's "Which policy runs"): an explicit ``policy`` (a command's
     ``--policy``) is the policy every request of this engine runs with, even when
@@ -43,10 +47,13 @@ def build_engine(model: str | Path | None = None, policy: str | Path | Policy | 
 
     Raises:
         PolicyError: the policy cannot be loaded.
-        ModelFolderError: the model folder is unusable.
+        ModelFolderError: the model folder is unusable, or ``model`` is neither a folder nor
+            a known model name.
     """
     from .engine import Engine
+    from .model.registry import resolve_model
 
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
+    progress = kwargs.pop("progress", None)
     pm = kwargs.pop("pm", None) or host_plugin_manager(follow_agent_policy=policy is None)
-    return Engine(model, pm=pm, policy=pol, **kwargs)
+    return Engine(resolve_model(model, progress), pm=pm, policy=pol, **kwargs)

@@ -18,7 +18,7 @@ live in one place:
    only after the new one is in place (restored if the swap fails). On any failure the
    staging directory is removed.
 
-Use it like this (the pattern :func:`lemonade_inferos.model.convert.convert_llama2c`
+Use it like this (the pattern :func:`lemonade_inferos.model.convert.write_model_folder`
 follows)::
 
     from lemonade_inferos.model.output_dir import MANIFEST, staged_output_dir
@@ -84,9 +84,12 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _check_replaceable(out: Path, *, force: bool, inputs: Sequence[str | os.PathLike[str]]) -> None:
+def check_output_dir(out: str | os.PathLike[str], *, force: bool = False,
+                     inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Raise :class:`OutputDirError` unless ``out`` may be (re)placed (rules in the module
-    docstring)."""
+    docstring). Converters call it before reading their inputs, so a refused path fails at
+    once; :func:`prepare_output_dir` and :func:`commit_output_dir` check again."""
+    out = _abs(out)
     real_out = out.resolve() if out.exists() else out
     for src in inputs:
         s = Path(src).expanduser().resolve()
@@ -136,7 +139,7 @@ def prepare_output_dir(out: str | os.PathLike[str], *, force: bool = False,
         OSError: the parent directory cannot be created or written.
     """
     path = _abs(out)
-    _check_replaceable(path, force=force, inputs=inputs)
+    check_output_dir(path, force=force, inputs=inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
@@ -157,7 +160,7 @@ def commit_output_dir(staging: str | os.PathLike[str], out: str | os.PathLike[st
         OSError: a rename failed (``out`` is as it was).
     """
     src, dst = Path(staging), _abs(out)
-    _check_replaceable(dst, force=force, inputs=())
+    check_output_dir(dst, force=force, inputs=())
     os.chmod(src, 0o755)
     if not (dst.exists() or dst.is_symlink()):
         os.rename(src, dst)
