@@ -19,7 +19,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     echo ">> installing Debian packages: chromium"
     apt_update_once
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends chromium
   else
     echo ">> apt-get not found: the dashboard browser test will be skipped (no chromium)"
   fi
