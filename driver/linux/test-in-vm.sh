@@ -80,6 +80,13 @@ done
 KCONFIG="/boot/config-$KVER"
 
 # ---------------------------------------------------------------- build
+# One run at a time per cache: concurrent runs (several test suites on one machine) would
+# share build/ and runs/last/ and clobber each other's initramfs and logs.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.run.lock"
+if command -v flock >/dev/null 2>&1; then
+  flock 9 || bail "cannot lock $CACHE/.run.lock"
+fi
 BUILD="$CACHE/build/$KVER"
 RUN="$CACHE/runs/last"
 mkdir -p "$BUILD" "$RUN"
