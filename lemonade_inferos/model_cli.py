@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .commands import _fail
 from .model.precision import PRECISIONS
 
 CONVERT_EPILOG = """\
@@ -84,11 +85,6 @@ def register(sub: Any) -> None:
     p.add_argument("--weights", choices=("auto", *PRECISIONS), default="auto", help=weights_help)
     p.add_argument("--force", action="store_true", help="convert again even when the folder is up to date")
     p.set_defaults(func=cmd_pull)
-
-
-def _fail(msg: str, code: int = 2) -> int:
-    print(f"inferos: error: {msg}", file=sys.stderr)
-    return code
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

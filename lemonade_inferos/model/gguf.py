@@ -29,9 +29,16 @@ from typing import Any, Callable
 import numpy as np
 
 from .hf_tokenizer import TokenizerBuildError, TokenizerFiles, tokenizer_from_gguf_vocab
-from .weights import DecoderConfig, DecoderWeights, half_to_interleaved_rows
+from .weights import DecoderConfig, DecoderWeights, stack_layers
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+#: llama.cpp tensor names of the per-layer fields (``{i}`` = layer)
+GGUF_NAMES = {
+    "rms_att": "blk.{i}.attn_norm.weight", "wq": "blk.{i}.attn_q.weight", "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight", "wo": "blk.{i}.attn_output.weight", "rms_ffn": "blk.{i}.ffn_norm.weight",
+    "w1": "blk.{i}.ffn_gate.weight", "w2": "blk.{i}.ffn_down.weight", "w3": "blk.{i}.ffn_up.weight",
+    "bq": "blk.{i}.attn_q.bias", "bk": "blk.{i}.attn_k.bias", "bv": "blk.{i}.attn_v.bias",
+}
 
 
 class GGUFError(ValueError):
@@ -173,37 +180,13 @@ def load_gguf(path: str | Path, progress: Callable[[str], None] | None = None) -
     L = cfg.n_layers
     neox = arch == "qwen2"
     say(f"dequantizing {len(tensors)} tensors ({arch}, {L} layers)")
-    per_layer: dict[str, list[np.ndarray]] = {k: [] for k in ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")}
-    biases: dict[str, list[np.ndarray]] = {"bq": [], "bk": [], "bv": []}
     has_bias = "blk.0.attn_q.bias" in tensors
-    for i in range(L):
-        p = f"blk.{i}."
-        wq, wk = tensor(p + "attn_q.weight"), tensor(p + "attn_k.weight")
-        if neox:
-            wq, wk = half_to_interleaved_rows(wq, cfg.n_heads), half_to_interleaved_rows(wk, cfg.n_kv_heads)
-        per_layer["wq"].append(wq)
-        per_layer["wk"].append(wk)
-        per_layer["wv"].append(tensor(p + "attn_v.weight"))
-        per_layer["wo"].append(tensor(p + "attn_output.weight"))
-        per_layer["rms_att"].append(tensor(p + "attn_norm.weight"))
-        per_layer["rms_ffn"].append(tensor(p + "ffn_norm.weight"))
-        per_layer["w1"].append(tensor(p + "ffn_gate.weight"))
-        per_layer["w2"].append(tensor(p + "ffn_down.weight"))
-        per_layer["w3"].append(tensor(p + "ffn_up.weight"))
-        if has_bias:
-            bq, bk = tensor(p + "attn_q.bias"), tensor(p + "attn_k.bias")
-            if neox:
-                bq, bk = half_to_interleaved_rows(bq, cfg.n_heads), half_to_interleaved_rows(bk, cfg.n_kv_heads)
-            biases["bq"].append(bq)
-            biases["bk"].append(bk)
-            biases["bv"].append(tensor(p + "attn_v.bias"))
+    layers = stack_layers(cfg, tensor, GGUF_NAMES, rotate_half=neox, with_bias=has_bias)
     emb = tensor("token_embd.weight")
     wcls = emb if cfg.shared_classifier else tensor("output.weight")
-    stacked = {k: np.stack(v) for k, v in per_layer.items()}
-    bias_kw = {k: np.stack(v) for k, v in biases.items()} if has_bias else {}
     try:
         weights = DecoderWeights(config=cfg, token_embedding=emb, rms_final=tensor("output_norm.weight"), wcls=wcls,
-                                 source=path, **stacked, **bias_kw).check_shapes(str(path))
+                                 source=path, **layers).check_shapes(str(path))
     except ValueError as e:
         raise GGUFError(str(e)) from None
 

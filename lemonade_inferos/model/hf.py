@@ -29,9 +29,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .weights import DecoderConfig, DecoderWeights, half_to_interleaved_rows
+from .weights import DecoderConfig, DecoderWeights, stack_layers
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+#: Hugging Face tensor names of the per-layer fields (``{i}`` = layer)
+HF_NAMES = {
+    "rms_att": "model.layers.{i}.input_layernorm.weight", "wq": "model.layers.{i}.self_attn.q_proj.weight",
+    "wk": "model.layers.{i}.self_attn.k_proj.weight", "wv": "model.layers.{i}.self_attn.v_proj.weight",
+    "wo": "model.layers.{i}.self_attn.o_proj.weight", "rms_ffn": "model.layers.{i}.post_attention_layernorm.weight",
+    "w1": "model.layers.{i}.mlp.gate_proj.weight", "w2": "model.layers.{i}.mlp.down_proj.weight",
+    "w3": "model.layers.{i}.mlp.up_proj.weight", "bq": "model.layers.{i}.self_attn.q_proj.bias",
+    "bk": "model.layers.{i}.self_attn.k_proj.bias", "bv": "model.layers.{i}.self_attn.v_proj.bias",
+}
 
 
 class HFCheckpointError(ValueError):
@@ -168,25 +177,8 @@ def load_hf(folder: str | Path, progress: Callable[[str], None] | None = None) -
         with safe_open(str(f), "np") as h:
             return np.ascontiguousarray(h.get_tensor(name).astype(np.float32))
 
-    L = c.n_layers
-    per: dict[str, list[np.ndarray]] = {k: [] for k in ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")}
-    bias: dict[str, list[np.ndarray]] = {"bq": [], "bk": [], "bv": []}
     has_bias = "model.layers.0.self_attn.q_proj.bias" in where
-    for i in range(L):
-        p = f"model.layers.{i}."
-        per["wq"].append(half_to_interleaved_rows(tensor(p + "self_attn.q_proj.weight"), c.n_heads))
-        per["wk"].append(half_to_interleaved_rows(tensor(p + "self_attn.k_proj.weight"), c.n_kv_heads))
-        per["wv"].append(tensor(p + "self_attn.v_proj.weight"))
-        per["wo"].append(tensor(p + "self_attn.o_proj.weight"))
-        per["rms_att"].append(tensor(p + "input_layernorm.weight"))
-        per["rms_ffn"].append(tensor(p + "post_attention_layernorm.weight"))
-        per["w1"].append(tensor(p + "mlp.gate_proj.weight"))
-        per["w2"].append(tensor(p + "mlp.down_proj.weight"))
-        per["w3"].append(tensor(p + "mlp.up_proj.weight"))
-        if has_bias:
-            bias["bq"].append(half_to_interleaved_rows(tensor(p + "self_attn.q_proj.bias"), c.n_heads))
-            bias["bk"].append(half_to_interleaved_rows(tensor(p + "self_attn.k_proj.bias"), c.n_kv_heads))
-            bias["bv"].append(tensor(p + "self_attn.v_proj.bias"))
+    layers = stack_layers(c, tensor, HF_NAMES, rotate_half=True, with_bias=has_bias)
     emb = tensor("model.embed_tokens.weight")
     if c.shared_classifier or "lm_head.weight" not in where:
         wcls = emb
@@ -196,8 +188,7 @@ def load_hf(folder: str | Path, progress: Callable[[str], None] | None = None) -
         wcls = tensor("lm_head.weight")
     try:
         w = DecoderWeights(config=c, token_embedding=emb, rms_final=tensor("model.norm.weight"), wcls=wcls, source=folder,
-                           **{k: np.stack(v) for k, v in per.items()},
-                           **({k: np.stack(v) for k, v in bias.items()} if has_bias else {})).check_shapes(str(folder))
+                           **layers).check_shapes(str(folder))
     except ValueError as e:
         raise HFCheckpointError(str(e)) from None
 

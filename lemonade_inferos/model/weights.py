@@ -147,6 +147,39 @@ class DecoderWeights:
         return self
 
 
+#: per-layer fields of :class:`DecoderWeights` (matrices and norms), then the QKV biases
+LAYER_FIELDS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
+BIAS_FIELDS = ("bq", "bk", "bv")
+
+
+def stack_layers(c: DecoderConfig, tensor, names: dict[str, str], *, rotate_half: bool,
+                 with_bias: bool) -> dict[str, np.ndarray]:
+    """Read every layer's tensors and stack them as :class:`DecoderWeights` fields.
+
+    Args:
+        c: the config (layers, heads).
+        tensor: ``tensor(name) -> float32 array`` of the source (raises for a missing name).
+        names: field (:data:`LAYER_FIELDS`, :data:`BIAS_FIELDS`) -> source name pattern with
+            ``{i}`` for the layer index, e.g. ``{"wq": "blk.{i}.attn_q.weight", ...}``.
+        rotate_half: the source's q/k rows (and biases) are in rotate-half RoPE layout and are
+            permuted to interleaved pairs (:func:`half_to_interleaved_rows`).
+        with_bias: read ``bq``/``bk``/``bv`` too.
+
+    Returns:
+        ``{field: [L, ...] array}`` for :data:`LAYER_FIELDS` (and :data:`BIAS_FIELDS`).
+    """
+    fields = LAYER_FIELDS + (BIAS_FIELDS if with_bias else ())
+    heads = {"wq": c.n_heads, "bq": c.n_heads, "wk": c.n_kv_heads, "bk": c.n_kv_heads}
+    out: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+    for i in range(c.n_layers):
+        for f in fields:
+            arr = tensor(names[f].format(i=i))
+            if rotate_half and f in heads:
+                arr = half_to_interleaved_rows(arr, heads[f])
+            out[f].append(arr)
+    return {f: np.stack(v) for f, v in out.items()}
+
+
 def half_to_interleaved_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Permute q/k projection rows from rotate-half to interleaved-pair RoPE layout.
 
