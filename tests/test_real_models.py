@@ -363,3 +363,24 @@ def test_hf_bad_inputs(tmp_path):
     with pytest.raises(HFCheckpointError, match="rope_scaling"):
         convert_hf(hf3, tmp_path / "m", weights="fp32")
     _no_leftovers(tmp_path, "m")
+
+
+def test_serve_answers_openai_client_with_chat_template(smol_dir):
+    """``inferos serve -m <SmolLM2>`` (the real ASGI app on a loopback port) answers the
+    ``openai`` client's chat requests, streamed and not, through the model's ChatML template."""
+    openai = pytest.importorskip("openai")
+    from lemonade_inferos.host import build_engine
+    from lemonade_inferos.integrations.server import BackgroundServer, create_app
+
+    engine = build_engine(smol_dir, "default")
+    with BackgroundServer(create_app(engine, max_concurrency=1)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": CHAT_Q}]
+        r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24, temperature=0)
+        assert "Paris" in r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+        assert r.usage.prompt_tokens > 20  # system + user turns of the template
+        text = "".join((ch.choices[0].delta.content or "") if ch.choices else ""
+                       for ch in client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24,
+                                                                temperature=0, stream=True))
+        assert text == r.choices[0].message.content
