@@ -6,6 +6,7 @@ this module stays small and imports nothing heavy before a command is chosen:
 * :mod:`lemonade_inferos.commands` – ``generate``, ``demo``, ``convert``, ``eval``
 * :mod:`lemonade_inferos.agent.cli` – ``agent``, ``status``, ``policy``
 * :mod:`lemonade_inferos.integrations.cli` – ``serve``, ``lemonade``, ``gaia``
+* :mod:`lemonade_inferos.resources.doctor` – ``doctor``
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ REGISTRARS = (
     "lemonade_inferos.commands",
     "lemonade_inferos.agent.cli",
     "lemonade_inferos.integrations.cli",
+    "lemonade_inferos.resources.doctor",
 )
 
 EPILOG = """\
