@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..kv.base import KVCache
+from ..resources.lru import LRUCache
 from ..model.spec import DecoderSpec, ModelFolderError
 from ..plugins import InferosManager, NoopManager, get_plugin_manager
 from ..ort_options import prime_run_options
@@ -41,6 +42,7 @@ from .text import IncrementalDetokenizer, StopStream, TextCodec
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..guard import QualityGuard
+    from ..resources.manager import ResourceManager
 
 log = logging.getLogger("lemonade_inferos.engine")
 
@@ -114,6 +116,10 @@ class Engine:
         backend: ``"ort"`` (inferos' own loop with KV access), ``"oga"``
             (onnxruntime-genai ``og.Generator``; no KV access) or ``"auto"`` (ort when the
             folder's decoder has explicit past/present I/O, else oga).
+        resources: a :class:`~lemonade_inferos.resources.manager.ResourceManager`; when set,
+            each request reserves its KV bytes before prefill (may be tightened, queued, or
+            refused with :class:`~lemonade_inferos.resources.budget.BudgetExceeded`).
+        max_sessions: ORT sessions kept (least recently used beyond that are dropped).
 
     Raises:
         ModelFolderError: the folder is missing or unusable.
@@ -126,6 +132,8 @@ class Engine:
         pm: InferosManager | None = None,
         policy: Policy | None = None,
         backend: str = "auto",
+        resources: "ResourceManager | None" = None,
+        max_sessions: int = 8,
     ):
         if model_dir is None:
             from ..model.embedded import embedded_model_dir
@@ -138,7 +146,10 @@ class Engine:
         if backend not in ("auto", "ort", "oga"):
             raise ValueError(f"backend={backend!r} is not allowed; must be 'auto', 'ort' or 'oga'")
         self.backend = self._detect_backend() if backend == "auto" else backend
-        self._sessions: dict[tuple, ort.InferenceSession] = {}
+        self._sessions: LRUCache[ort.InferenceSession] = LRUCache(max_sessions)
+        self.resources = resources
+        if resources is not None:
+            resources.register_cache(self._sessions)
         self._oga_models: dict[str, object] = {}
         self._lock = threading.Lock()
         self._calib: list[int] | None = None
@@ -313,7 +324,14 @@ class Engine:
             stats.policy_name = eff.name
             if self.backend == "oga":
                 return self._generate_oga(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
-            return self._generate_ort(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
+            if self.resources is None or baseline:
+                return self._generate_ort(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
+            admission = self.resources.admit(context, eff, self.spec)  # KV bytes reserved before prefill
+            context.extra.setdefault("notes", []).append(admission.note)
+            try:
+                return self._generate_ort(ids, cfg, admission.policy, context, stats, on_token, cancel, pm, t0)
+            finally:
+                admission.release()
         except BaseException as e:
             pm.on_request_error(context, e)
             raise
@@ -334,6 +352,8 @@ class Engine:
 
     def _generate_ort(self, ids, cfg, policy, context, stats, on_token, cancel, pm, t0) -> GenerationResult:
         cache = pm.kv_cache(policy, self.spec, context)
+        if self.resources is not None:
+            self.resources.track(context.request_id, cache)
         sess = self.session(cache.graph_file, policy, pm)
         ro = prime_run_options(pm.run_options(policy, context))
         iob = policy.io.enable_iobinding

@@ -189,6 +189,20 @@ SCHEMES: dict[str, StoreConfig] = {
 }
 
 
+def block_level_bytes(c: StoreConfig, spec: DecoderSpec) -> list[int]:
+    """Resident bytes of one block of ``c.block_len`` tokens (all layers, K and V) at each
+    level ``[L0 float16, L1 INT8, L2 INT4, L3 evicted]``, quantization metadata included."""
+    L, E, bl = spec.num_layers, spec.num_kv_heads * spec.head_dim, c.block_len
+    out = [bl * 2 * L * E * 2]
+    for level in (1, 2):
+        bits = LEVEL_BITS[level]
+        kg = (bl // c.key_group) * E if c.key_axis == "channel" else bl * (E // c.key_group)
+        vg = bl * (E // c.value_group)
+        out.append(L * (stored_nbytes(bl * E, kg, bits) + stored_nbytes(bl * E, vg, bits)))
+    out.append(0)
+    return out
+
+
 def store_for_scheme(name: str, spec: DecoderSpec, policy=None) -> "TieredKVCache":
     """A store for a named scheme: ``fp16``, ``q8_0``, ``q4_0``, ``hf_quantized`` or
     ``tiered`` (the policy's tiered store; ``policy`` defaults to the ``default`` preset).
@@ -333,15 +347,7 @@ class TieredKVCache(KVCache):
         return max(n0, c.sink_tokens + c.recent_window) + c.block_len
 
     def _block_level_bytes(self) -> list[int]:
-        c, L, E, bl = self.config, self.L, self.E, self.config.block_len
-        out = [bl * self.row_bytes]
-        for level in (1, 2):
-            bits = LEVEL_BITS[level]
-            kg = (bl // c.key_group) * E if c.key_axis == "channel" else bl * (E // c.key_group)
-            vg = bl * (E // c.value_group)
-            out.append(L * (stored_nbytes(bl * E, kg, bits) + stored_nbytes(bl * E, vg, bits)))
-        out.append(0)
-        return out
+        return block_level_bytes(self.config, self.spec)
 
     # ------------------------------------------------------------------ KVCache API
     @property
