@@ -190,3 +190,29 @@ class ResourceManager:
         if self.quotas is not None:
             out["clients"] = self.quotas.view()["clients"]
         return out
+
+
+def attach(engine: Any, rm: "ResourceManager") -> "ResourceManager":
+    """Make ``engine`` admit its requests through ``rm`` (and let ``rm`` evict its idle
+    sessions)."""
+    engine.resources = rm
+    rm.register_cache(engine._sessions)
+    return rm
+
+
+def attach_from_args(engine: Any, args: Any) -> "ResourceManager":
+    """``inferos serve``'s resource manager: budget from ``--kv-budget`` or the policy and
+    available memory, quotas in the agent's SQLite file, ``--admission-timeout``.
+
+    Raises:
+        ValueError: ``--kv-budget`` is not a size.
+    """
+    from ..policy import parse_size
+
+    budget = None if args.kv_budget is None else parse_size(args.kv_budget, field="--kv-budget")
+    if budget == 0:
+        raise ValueError("--kv-budget 0 is not allowed; give a positive size such as 512MiB")
+    rm = ResourceManager.from_policy(engine.policy, budget_bytes=budget, quotas=QuotaStore.for_agent(),
+                                     timeout_s=args.admission_timeout or None)
+    log.info("KV budget %d bytes (%s)", rm.budget.total_bytes, rm.budget_source)
+    return attach(engine, rm)
