@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from ..kv.base import KVCache
 from ..resources.lru import LRUCache
+from ..runtime.providers import ProviderFailover
 from ..model.spec import DecoderSpec, ModelFolderError
 from ..plugins import InferosManager, NoopManager, get_plugin_manager
 from ..ort_options import prime_run_options
@@ -148,6 +149,7 @@ class Engine:
         self.backend = self._detect_backend() if backend == "auto" else backend
         self._sessions: LRUCache[ort.InferenceSession] = LRUCache(max_sessions)
         self.resources = resources
+        self.failover = ProviderFailover()
         if resources is not None:
             resources.register_cache(self._sessions)
         self._oga_models: dict[str, object] = {}
@@ -178,7 +180,8 @@ class Engine:
         policies differ only in per-request fields share one session.
         """
         pm = pm or self.pm
-        key = (graph_file, policy.session_key(), pm.enabled)
+        excluded = self.failover.excluded()
+        key = (graph_file, policy.session_key(), pm.enabled, excluded)
         sess = self._sessions.get(key)
         if sess is not None:
             return sess
@@ -189,11 +192,8 @@ class Engine:
                 if not path.is_file():
                     raise ModelFolderError(f"{str(self.spec.folder)!r} has no {graph_file}")
                 so = pm.session_options(policy, self.spec)
-                providers = pm.execution_providers(policy, ort.get_available_providers())
-                sess = ort.InferenceSession(
-                    str(path), sess_options=so, providers=[p for p, _ in providers],
-                    provider_options=[o for _, o in providers],
-                )
+                providers = pm.execution_providers(policy, self.failover.available(ort.get_available_providers()))
+                sess = self.failover.create(str(path), so, [(p, o) for p, o in providers if p not in excluded])
                 self._sessions[key] = sess
         return sess
 
@@ -261,6 +261,20 @@ class Engine:
             logits = vals[0][0]
             cache.update(dict(zip(outs, vals[1:])), n)
         return logits
+
+    def _run_failover(self, sess, cache, ids, start_pos, ro, iob, policy, pm, stats):
+        """:meth:`_run`; when the session's provider fails during the run, the same step runs
+        again on a session without it (next provider in the chain). Returns (session, logits)."""
+        try:
+            return sess, self._run(sess, cache, ids, start_pos, ro, iob)
+        except Exception as e:
+            if getattr(ro, "terminate", False) or not self.failover.run_failed(sess, e):
+                raise
+            failed = sess.get_providers()[0]
+            sess = self.session(cache.graph_file, policy, pm)
+            stats.provider = sess.get_providers()[0]
+            stats.notes.append(f"provider {failed} failed during the run; continued on {stats.provider}")
+            return sess, self._run(sess, cache, ids, start_pos, ro, iob)
 
     # -- public API ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -370,7 +384,7 @@ class Engine:
         deadline = self._arm_deadline(ro, context, t0)
         try:
             t_pre = time.perf_counter()
-            logits = self._run(sess, cache, np.array([ids], dtype=np.int64), 0, ro, iob)
+            sess, logits = self._run_failover(sess, cache, np.array([ids], dtype=np.int64), 0, ro, iob, policy, pm, stats)
             stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
             if len(ids) > 1:
                 lp = log_softmax(logits[:-1])
@@ -404,7 +418,8 @@ class Engine:
                     finish = "length"
                     break
                 step_ids[0, 0] = tok
-                last = self._run(sess, cache, step_ids, pos, ro, iob)[-1]
+                sess, out = self._run_failover(sess, cache, step_ids, pos, ro, iob, policy, pm, stats)
+                last = out[-1]
                 pos += 1
         except Exception:
             if deadline is None or not deadline.is_set():
