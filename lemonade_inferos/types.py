@@ -108,6 +108,8 @@ class RunStats:
     wall time (tokens/s); ``peak_rss_bytes`` is the process peak resident set size.
     ``prompt_nll`` is the mean negative log-likelihood (nats/token) of the prompt tokens
     under the model, computed from the prefill logits. ``kv`` is the KV cache at the end.
+    ``resources`` is the process's resource-manager view at the end of the request (KV
+    budget, memory pool, scheduler, fallback state and recent events), None without one.
     """
 
     request_id: str = ""
@@ -130,6 +132,7 @@ class RunStats:
     provider: str = "CPUExecutionProvider"
     backend: str = "ort"
     notes: list[str] = field(default_factory=list)
+    resources: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

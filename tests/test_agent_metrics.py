@@ -98,7 +98,7 @@ def test_delta_ppl_is_token_weighted_ppl_difference_vs_baseline() -> None:
         report(2, start=NOW - 4, end=NOW - 3, nll=3.0, prompt=30),
         report(3, start=NOW - 3, end=NOW - 2, nll=1.5, prompt=20, baseline=True),
     ]
-    d = sections(rs)["quality"]["delta_ppl_est"]
+    d = sections(rs)["quality"]["delta_ppl"]
     cur = math.exp((2.0 * 10 + 3.0 * 30) / 40)
     base = math.exp(1.5)
     assert d["current"] == round(cur, 4)
@@ -109,10 +109,10 @@ def test_delta_ppl_is_token_weighted_ppl_difference_vs_baseline() -> None:
 
 def test_delta_ppl_null_without_baseline_and_uses_older_reference() -> None:
     only_policy = [report(1, start=NOW - 5, end=NOW - 4, nll=2.0)]
-    assert sections(only_policy)["quality"]["delta_ppl_est"]["delta"] is None
+    assert sections(only_policy)["quality"]["delta_ppl"]["delta"] is None
     # a baseline report that ended long before the window still serves as the reference
     old_base = report(0, start=NOW - 500, end=NOW - 499, nll=1.0, baseline=True)
-    d = sections([old_base, *only_policy])["quality"]["delta_ppl_est"]
+    d = sections([old_base, *only_policy])["quality"]["delta_ppl"]
     assert d["baseline"] == round(math.e, 4)
     assert d["delta"] == round(math.exp(2.0) - math.e, 4)
     assert d["measurement"]["baseline_source"] == "recent baseline-mode reports"

@@ -108,9 +108,9 @@ TILES = {
     "ttft-p95": ("first_token_latency.p95_ms", "f1"),
     "kv-value": ("memory.kv_cache_usage_mb", "mb"),
     "kv-compression": ("kv_stats.compression_vs_fp16", "f2"),
-    "dppl-value": ("quality.delta_ppl_est.delta", "signed3"),
-    "ppl-current": ("quality.delta_ppl_est.current", "f3"),
-    "ppl-baseline": ("quality.delta_ppl_est.baseline", "f3"),
+    "dppl-value": ("quality.delta_ppl.delta", "signed3"),
+    "ppl-current": ("quality.delta_ppl.current", "f3"),
+    "ppl-baseline": ("quality.delta_ppl.baseline", "f3"),
     "latency-p95": ("latency.p95_ms", "f1"),
     "rss-total": ("memory.total_allocated_mb", "mb"),
     "rss-peak": ("memory.peak_usage_mb", "mb"),
@@ -129,7 +129,7 @@ def test_tiles_show_the_agent_metrics(agent: BackgroundAgent, tmp_path: Path) ->
     el = render(agent.url + "/dashboard", tmp_path)
     assert el["conn"]["attrs"]["data-conn"] == "live"
     m = requests.get(agent.url + "/v1/metrics").json()
-    assert m["measurement_window"]["sample_count"] == 30 and m["quality"]["delta_ppl_est"]["delta"] is not None
+    assert m["measurement_window"]["sample_count"] == 30 and m["quality"]["delta_ppl"]["delta"] is not None
     checked = 0
     for el_id, (path, kind) in TILES.items():
         expected = lookup(m, path)

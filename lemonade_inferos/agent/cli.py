@@ -203,7 +203,7 @@ def _f(v: Any, fmt: str, unit: str = "") -> str:
 def status_line(m: dict[str, Any]) -> str:
     """The monitor line: TPS, FTL (first-token latency), memory, utilisation, quality, policy."""
     tp, ftl, mem, dev = m["throughput"], m["first_token_latency"], m["memory"], m["device_utilization"]
-    q = m["quality"]["delta_ppl_est"]["delta"]
+    q = m["quality"]["delta_ppl"]["delta"]
     st, win = m["optimization_status"], m["measurement_window"]
     pct = lambda v: "n/a" if v is None else f"{v * 100:.0f}%"  # noqa: E731
     return (

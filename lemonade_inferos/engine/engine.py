@@ -362,6 +362,8 @@ class Engine:
                 stats.decode_tps = (n_gen - 1) / (t_end - t_first)
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.notes.extend(context.extra.get("notes", []))
+        if self.resources is not None:
+            stats.resources = self.resources.report()
         pm.after_request(context, stats)
 
     def _generate_ort(self, ids, cfg, policy, context, stats, on_token, cancel, pm, t0) -> GenerationResult:

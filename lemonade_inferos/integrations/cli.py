@@ -170,6 +170,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="how long a request waits for KV budget before 503 (default 30)")
     s.add_argument("--no-resource-manager", action="store_true",
                    help="no KV budget, admission or client quotas (every request runs as it comes)")
+    s.add_argument("--no-runtime", action="store_true",
+                   help="no adaptive runtime (fallback table, control loops from policy.loops)")
     s.add_argument("--verbose", dest="serve_verbose", action="store_true",
                    help="log each request (tokens, TTFT, tokens/s) and uvicorn's access log")
 

@@ -80,6 +80,7 @@ class ResourceManager:
         self._by_request: dict[str, Reservation] = {}
         self._per_client: dict[str, list[Reservation]] = {}
         self.overrides: Callable[[Any, Any], Any] | None = None  # the adaptive runtime's policy adjustment
+        self.runtime_status: Callable[[], dict[str, Any]] | None = None
 
     @classmethod
     def from_policy(cls, policy: Any, *, budget_bytes: int | None = None, available_bytes: int | None = None,
@@ -178,6 +179,18 @@ class ResourceManager:
         return sum(len(c.evict_idle(idle_s)) for c in self.caches)
 
     # -- status ---------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """:meth:`status` plus the adaptive runtime's state (when one is attached), bounded
+        for a PostRun report (at most 20 recent events)."""
+        out = self.status()
+        out.pop("clients", None)
+        if self.runtime_status is not None:
+            try:
+                out["runtime"] = self.runtime_status()
+            except Exception as e:  # never fail a request over its report
+                out["runtime"] = {"error": str(e)}
+        return out
+
     def status(self) -> dict[str, Any]:
         """``{"kv_budget", "memory_pool", "scheduler", "clients"}`` for /v1/metrics."""
         b = self.budget.status()
@@ -215,4 +228,11 @@ def attach_from_args(engine: Any, args: Any) -> "ResourceManager":
     rm = ResourceManager.from_policy(engine.policy, budget_bytes=budget, quotas=QuotaStore.for_agent(),
                                      timeout_s=args.admission_timeout or None)
     log.info("KV budget %d bytes (%s)", rm.budget.total_bytes, rm.budget_source)
-    return attach(engine, rm)
+    attach(engine, rm)
+    if not getattr(args, "no_runtime", False):
+        from ..runtime import AdaptiveRuntime
+
+        agent = engine.pm.pm.get_plugin("inferos.agent") if hasattr(engine.pm, "pm") else None
+        rm.runtime = AdaptiveRuntime(engine, agent=agent)
+        rm.runtime.loops.start()
+    return rm

@@ -82,6 +82,7 @@ class AdaptiveRuntime:
         rm = getattr(engine, "resources", None)
         if rm is not None:
             rm.overrides = self.fallback.apply
+            rm.runtime_status = self.status
         self.telemetry = telemetry or Telemetry()
         self.loops = ControlLoops(lambda: engine.policy, self.fallback,
                                   observe=observe_machine(self.telemetry, rm, providers, agent),

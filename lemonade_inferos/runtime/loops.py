@@ -9,7 +9,9 @@
 * slow (``loops.slow_ms``): quality re-evaluation of the policy in force (the quality guard's
   measurement on its calibration sample) -> measured ΔPPL / KLD into metrics and the
   fallback table's quality row. One evaluation at a time; the next starts ``slow_ms``
-  after the previous finished (an evaluation takes longer than the default period).
+  after the previous finished, and at least ``(1/max_duty - 1)`` × its duration later, so
+  evaluation uses at most ``max_duty`` (10 %) of a core whatever the period (the default
+  100 ms is shorter than one evaluation).
 
 :meth:`ControlLoops.tick` runs whatever is due at the given time, so tests run the loops
 in virtual time; :meth:`ControlLoops.start` runs them on a daemon thread with real time.
@@ -39,7 +41,8 @@ class ControlLoops:
     def __init__(self, policy: Callable[[], Any], fallback: FallbackManager, *,
                  observe: Callable[[], Observation] | None = None,
                  evaluate: Callable[[Any], dict[str, Any] | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_duty: float = 0.1):
+        self.max_duty = max_duty
         self.policy, self.fallback, self.observe, self.evaluate, self.clock = policy, fallback, observe, evaluate, clock
         self.next_mid = 0.0
         self.next_slow = 0.0
@@ -69,6 +72,7 @@ class ControlLoops:
             self.next_mid = now + mid
             ran.append("mid")
         if self.evaluate is not None and now >= self.next_slow:
+            t0 = time.perf_counter()
             try:
                 q = self.evaluate(pol)
             except Exception as e:
@@ -79,7 +83,8 @@ class ControlLoops:
                 self.last_quality = {**q, "evaluated_at": time.time(), "policy": pol.name}
                 self.fallback.observe(Observation(delta_ppl=q.get("delta_ppl")), pol)
             self.runs["slow"] += 1
-            self.next_slow = self.clock() + slow  # after the evaluation finished
+            spent = time.perf_counter() - t0
+            self.next_slow = self.clock() + max(slow, spent * (1 / self.max_duty - 1))  # after it finished
             ran.append("slow")
         return ran
 
