@@ -135,3 +135,10 @@ def test_quotas_persist_across_agent_restart(tmp_path):
         v = {c["client"]: c for c in requests.get(a.url + "/v1/quotas", timeout=10).json()["clients"]}
     assert v["team-a"]["max_kv_bytes"] == 1 << 20 and v["team-a"]["max_concurrent"] == 2
     assert v["team-a"]["requests"] == 1 and v["team-a"]["peak_kv_bytes"] == 900
+
+
+def test_status_line_shows_budget_and_fallbacks(agent):
+    from lemonade_inferos.agent.cli import status_line
+
+    line = status_line(requests.get(agent.url + "/v1/metrics", timeout=10).json())
+    assert "KV budget 0.0/1.0 MB, 1 running 2 queued, 1 refused" in line and "fallback: memory_pressure" in line
