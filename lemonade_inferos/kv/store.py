@@ -71,6 +71,15 @@ from .quantize import dequantize, quantize, quantize_groups, stored_nbytes
 from .tiers import MODES, assign_levels
 
 IMPORTANCE = ("h2o_mean", "h2o", "recency_norm", "none")
+_buffer_zeros = np.zeros
+
+
+def set_buffer_allocator(zeros=None) -> None:
+    """Allocate the stores' L0 float16 buffers (the largest KV arrays) with ``zeros(shape,
+    dtype)`` -- e.g. :meth:`lemonade_inferos.resources.pool.HostPool.zeros` (page-locked
+    pool); None restores ``numpy.zeros``. Process-wide; stores created afterwards use it."""
+    global _buffer_zeros
+    _buffer_zeros = np.zeros if zeros is None else zeros
 TIER_NAMES = {0: "L0_fp16", 1: "L1_int8", 2: "L2_int4"}
 
 
@@ -328,7 +337,7 @@ class TieredKVCache(KVCache):
         :meth:`attention_mask`)."""
         old = getattr(self, "_l0", None)
         n = self._n0
-        buf = np.zeros((2 * self.L, self.E, cap), np.float16)
+        buf = _buffer_zeros((2 * self.L, self.E, cap), np.float16)
         acc = np.zeros(cap, np.float32)
         tok = np.zeros(cap, np.int64)
         if old is not None and n:

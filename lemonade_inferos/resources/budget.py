@@ -10,7 +10,10 @@ each at its per-block bytes from :func:`lemonade_inferos.kv.store.block_level_by
 (metadata included), blocks rounded up. A ``kv.budget_bytes`` in the policy caps it.
 The floor a budget-honouring store can shrink to (``dynamic``, ``latency_optimized``,
 ``throughput_optimized``: the store demotes and evicts until it fits) is the float16 part
-alone plus one block of slack.
+alone plus one block of slack. Both are at least the prefill transient: a prompt prefilled
+in one run sits at float16 in the store until its blocks are re-tiered, so a reservation
+smaller than ``prompt × float16 bytes/token`` would be exceeded during prefill (measured
+by ``benchmarks/memory_pressure.py`` before this was counted).
 
 Admission (:meth:`KVBudget.reserve`), in this order:
 
@@ -63,8 +66,11 @@ def _mode(policy: Any) -> str:
     return m.value if hasattr(m, "value") else str(m)
 
 
-def kv_bytes_estimate(spec: Any, policy: Any, tokens: int) -> Estimate:
-    """See the module docstring. ``spec``: a DecoderSpec; ``tokens``: prompt + max new."""
+def kv_bytes_estimate(spec: Any, policy: Any, tokens: int, prompt_tokens: int | None = None) -> Estimate:
+    """See the module docstring. ``spec``: a DecoderSpec; ``tokens``: prompt + max new;
+    ``prompt_tokens``: the part prefilled in one run (default: all of ``tokens``' prompt is
+    unknown, so 0), whose K/V the tiered store holds at float16 until the prefill's blocks
+    are re-tiered -- both ``want`` and ``floor`` are at least that transient."""
     from ..kv.store import StoreConfig, block_level_bytes
 
     T = max(1, min(int(tokens), int(spec.context_length)))
@@ -84,10 +90,13 @@ def kv_bytes_estimate(spec: Any, policy: Any, tokens: int) -> Estimate:
     old = sum(math.ceil(old_blocks * f) * lb[i] for i, f in enumerate(fractions))
     want = fixed_tokens * row + int(old)
     floor = (min(T, c.sink_tokens + c.recent_window) + 2 * c.block_len) * row
+    transient = min(T, int(prompt_tokens or 0)) * row  # the prefill's rows at float16, before re-tiering
     if policy.kv.budget_bytes is not None:
         want = max(min(want, int(policy.kv.budget_bytes)), min(floor, want))
     tight = mode in BUDGET_MODES
-    return Estimate(want, min(floor, want) if tight else want, T, tight)
+    floor = max(min(floor, want), transient)
+    want = max(want, transient)
+    return Estimate(want, floor if tight else want, T, tight)
 
 
 @dataclass

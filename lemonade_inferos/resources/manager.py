@@ -121,7 +121,7 @@ class ResourceManager:
             policy = self.overrides(policy, context) or policy
         client = str(context.extra.get("client") or DEFAULT_CLIENT)
         tokens = int(context.prompt_tokens) + int(context.max_new_tokens)
-        est = kv_bytes_estimate(spec, policy, tokens)
+        est = kv_bytes_estimate(spec, policy, tokens, prompt_tokens=int(context.prompt_tokens))
         check = self._quota_check(client)
         if check is not None and self.quotas is not None:
             q = self.quotas.get(client)
@@ -213,6 +213,30 @@ def attach(engine: Any, rm: "ResourceManager") -> "ResourceManager":
     return rm
 
 
+def use_pool(rm: "ResourceManager") -> Any:
+    """Give ``rm`` a KV buffer pool and make the tiered stores allocate from it: the
+    /dev/inferos driver's pinned pool when the driver is present, else a host pool of the
+    budget's size (page-locked where ``RLIMIT_MEMLOCK`` allows; see :mod:`.pool`)."""
+    from ..kv.store import set_buffer_allocator
+    from .kernel_driver import _client
+    from .pool import DriverPool, HostPool
+
+    pool = None
+    mod = _client()
+    if mod is not None:
+        try:
+            pool = DriverPool(mod.InferosDriver.open())
+        except OSError as e:
+            log.info("driver pinned pool not used: %s", getattr(e, "reason", e))
+    if pool is None:
+        pool = HostPool(rm.budget.total_bytes)
+        if pool.note:
+            log.info("KV pool: %s", pool.note)
+    rm.pool = pool
+    set_buffer_allocator(pool.zeros)
+    return pool
+
+
 def attach_from_args(engine: Any, args: Any) -> "ResourceManager":
     """``inferos serve``'s resource manager: budget from ``--kv-budget`` or the policy and
     available memory, quotas in the agent's SQLite file, ``--admission-timeout``.
@@ -227,6 +251,7 @@ def attach_from_args(engine: Any, args: Any) -> "ResourceManager":
         raise ValueError("--kv-budget 0 is not allowed; give a positive size such as 512MiB")
     rm = ResourceManager.from_policy(engine.policy, budget_bytes=budget, quotas=QuotaStore.for_agent(),
                                      timeout_s=args.admission_timeout or None)
+    use_pool(rm)
     log.info("KV budget %d bytes (%s)", rm.budget.total_bytes, rm.budget_source)
     attach(engine, rm)
     if not getattr(args, "no_runtime", False):
