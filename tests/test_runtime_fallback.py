@@ -299,3 +299,36 @@ def test_loops_periods_come_from_the_policy(rt):
     assert runtime.loops.tick() == ["mid"]
     clock.t += 8.0
     assert runtime.loops.tick() == ["mid", "slow"]
+
+
+def test_slow_loop_measures_quality_through_the_cached_path(embedded_model):
+    eng = Engine(embedded_model, pm=get_plugin_manager(entry_points=False), policy=load_policy("default"))
+    runtime = AdaptiveRuntime(eng, Telemetry([], root="/nonexistent"), providers=lambda: ["CPUExecutionProvider"])
+    assert runtime.loops.tick() == ["mid", "slow"]
+    q = runtime.loops.status()["quality"]
+    assert q["tokens"] == 256 and 0 <= q["kld"] < 0.1 and abs(q["delta_ppl"]) < 0.5
+    assert not runtime.fallback.rows["quality"].active  # within quality.max_delta_ppl
+
+
+def test_serve_wiring_attaches_budget_pool_quotas_and_runtime(embedded_model, tmp_path, monkeypatch):
+    import argparse
+
+    from lemonade_inferos.kv.store import set_buffer_allocator
+    from lemonade_inferos.resources.manager import attach_from_args
+
+    monkeypatch.setenv("INFEROS_STATE_DIR", str(tmp_path / "state"))
+    eng = Engine(embedded_model, pm=get_plugin_manager(entry_points=False), policy=load_policy("default"))
+    args = argparse.Namespace(kv_budget="4MiB", admission_timeout=5.0, no_runtime=False)
+    rm = attach_from_args(eng, args)
+    try:
+        assert eng.resources is rm and rm.budget.total_bytes == 4 * 2**20 and rm.quotas is not None
+        assert rm.pool is not None and rm.runtime.loops._thread.is_alive()
+        r = eng.generate(PROMPT, GenerationConfig(max_new_tokens=20))
+        assert r.stats.resources["kv_budget"]["total_bytes"] == 4 * 2**20
+        assert "fallback" in r.stats.resources["runtime"]
+        assert (tmp_path / "state" / "history.sqlite3").is_file()
+        with pytest.raises(ValueError, match="--kv-budget"):
+            attach_from_args(eng, argparse.Namespace(kv_budget="lots", admission_timeout=5.0, no_runtime=True))
+    finally:
+        rm.runtime.loops.stop()
+        set_buffer_allocator(None)

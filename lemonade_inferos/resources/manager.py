@@ -81,6 +81,7 @@ class ResourceManager:
         self._per_client: dict[str, list[Reservation]] = {}
         self.overrides: Callable[[Any, Any], Any] | None = None  # the adaptive runtime's policy adjustment
         self.runtime_status: Callable[[], dict[str, Any]] | None = None
+        self.runtime: Any = None  # the AdaptiveRuntime ``inferos serve`` starts (attach_from_args)
 
     @classmethod
     def from_policy(cls, policy: Any, *, budget_bytes: int | None = None, available_bytes: int | None = None,
@@ -249,7 +250,12 @@ def attach_from_args(engine: Any, args: Any) -> "ResourceManager":
     budget = None if args.kv_budget is None else parse_size(args.kv_budget, field="--kv-budget")
     if budget == 0:
         raise ValueError("--kv-budget 0 is not allowed; give a positive size such as 512MiB")
-    rm = ResourceManager.from_policy(engine.policy, budget_bytes=budget, quotas=QuotaStore.for_agent(),
+    try:
+        quotas: QuotaStore | None = QuotaStore.for_agent()
+    except Exception as e:  # an unwritable state dir must not stop serving
+        log.warning("client quotas disabled: cannot open the agent's state file: %s", e)
+        quotas = None
+    rm = ResourceManager.from_policy(engine.policy, budget_bytes=budget, quotas=quotas,
                                      timeout_s=args.admission_timeout or None)
     use_pool(rm)
     log.info("KV budget %d bytes (%s)", rm.budget.total_bytes, rm.budget_source)

@@ -44,14 +44,24 @@ def observe_machine(telemetry: Any, manager: Any = None, providers: Callable[[],
 
 def quality_probe(engine: Any, sample_tokens: int = 256) -> Callable[[Any], dict[str, Any] | None]:
     """The slow loop's probe: ΔPPL and mean KLD of ``policy`` vs full precision through the
-    cached decode path (:func:`lemonade_inferos.quality.evaluate_ids`) on the first
-    ``sample_tokens`` of the engine's calibration text (the quality guard's sample)."""
+    cached decode path (:func:`lemonade_inferos.quality.evaluate_ids`) on a
+    ``sample_tokens``-token sample of the model's own text (sampled once from BOS at
+    temperature 1, seed 0, as the quality guard's calibration text, but only as long as the
+    sample -- not a whole context, which is 8K tokens on real models)."""
+    sample: list[int] = []
+
     def probe(policy: Any) -> dict[str, Any] | None:
         if engine.backend != "ort" or policy.kv.mode == "disabled":
             return None
+        from ..engine.sampling import GenerationConfig
         from ..quality import evaluate_ids
 
-        r = evaluate_ids(engine, engine.calibration_ids()[:sample_tokens], policy)
+        if not sample:
+            n = min(sample_tokens, engine.spec.context_length) - 1
+            res = engine.generate([engine.spec.bos_token_id], GenerationConfig(
+                max_new_tokens=n, temperature=1.0, seed=0, stop_on_eos=False), baseline=True)
+            sample.extend([engine.spec.bos_token_id, *res.token_ids])
+        r = evaluate_ids(engine, sample, policy)
         return {"delta_ppl": r["delta_ppl"], "kld": r["kld_mean"], "ppl": r["ppl"],
                 "ppl_baseline": r["ppl_baseline"], "tokens": r["tokens"], "method": "cached decode path, calibration sample"}
 
