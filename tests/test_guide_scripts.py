@@ -142,3 +142,26 @@ def test_status_line_shows_budget_and_fallbacks(agent):
 
     line = status_line(requests.get(agent.url + "/v1/metrics", timeout=10).json())
     assert "KV budget 0.0/1.0 MB, 1 running 2 queued, 1 refused" in line and "fallback: memory_pressure" in line
+
+
+def test_runtime_events_reach_the_agent_without_a_request(tmp_path, embedded_model):
+    """A fallback event is posted to /v1/events as it happens (the guide's notification
+    chain: log, agent event, Prometheus counter), not only inside the next PostRun report."""
+    from lemonade_inferos.client import AgentClientPlugin
+    from lemonade_inferos.engine import Engine
+    from lemonade_inferos.plugins import get_plugin_manager
+    from lemonade_inferos.resources import Telemetry
+    from lemonade_inferos.runtime import AdaptiveRuntime
+
+    with BackgroundAgent(state_dir=tmp_path / "state", token=TOKEN, port=7723) as a:
+        client = AgentClientPlugin(a.url, TOKEN, instance="srv-1")
+        eng = Engine(embedded_model, pm=get_plugin_manager(entry_points=False))
+        rt = AdaptiveRuntime(eng, Telemetry([], root=tmp_path), agent=client, evaluate=lambda p: None,
+                             providers=lambda: ["CPUExecutionProvider"])
+        rt.fallback.device_error("DmlExecutionProvider", RuntimeError("device removed"))
+        rt.fallback.device_error("DmlExecutionProvider", RuntimeError("device removed"))
+        assert client.flush(10)
+        ev = requests.get(a.url + "/v1/metrics", timeout=10).json()["resources"]["events"]
+        client.close()
+    kinds = [(e["instance"], e["kind"], e["reason"]) for e in ev]
+    assert ("srv-1", "fallback", "device_error") in kinds and ("srv-1", "notification", "device_error") in kinds

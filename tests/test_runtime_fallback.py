@@ -332,3 +332,16 @@ def test_serve_wiring_attaches_budget_pool_quotas_and_runtime(embedded_model, tm
     finally:
         rm.runtime.loops.stop()
         set_buffer_allocator(None)
+
+
+def test_dml_never_seen_counts_where_it_is_expected():
+    from lemonade_inferos.runtime.fallback import Settings
+
+    pol = load_policy("default")  # prefill on dml
+    clock = VClock()
+    linux = FallbackManager(Settings(expect_dml=False), clock=clock)
+    linux.observe(Observation(providers=["CPUExecutionProvider"]), pol)
+    assert not linux.rows["dml_missing"].active  # a CPU-only build: nothing was lost
+    win = FallbackManager(Settings(expect_dml=True), clock=clock)
+    win.observe(Observation(providers=["CPUExecutionProvider"]), pol)
+    assert win.rows["dml_missing"].active

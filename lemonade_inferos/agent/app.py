@@ -10,6 +10,7 @@ Endpoints (under ``/v1``; mutating ones need header ``X-Inferos-Token``):
 ``POST /policy``           auth  merge a partial policy document; 400 leaves it unchanged
 ``GET  /policy/schema``          JSON Schema of the policy document
 ``POST /baseline``         auth  ``{"enable": bool}``, or no body = on
+``POST /events``           auth  one runtime event (fallback table) of a plugin instance
 ``GET  /quotas``                 per-client quotas and usage
 ``POST /quotas``           auth  set one client's quota
 ``GET  /config``                 the agent's own config
@@ -54,6 +55,7 @@ from .prometheus import PrometheusExporter
 from ..resources.quotas import QuotaStore
 from .schemas import (
     BaselineRequest,
+    EventIn,
     QuotaIn,
     ConfigView,
     ErrorBody,
@@ -393,6 +395,14 @@ def create_app(
             raise HTTPError(422, "invalid request: " + "; ".join(f"{d['field']}: {d['message']}" for d in details),
                             details) from None
         return state.set_baseline(body.enable)
+
+    @app.post("/v1/events", tags=["stats"], status_code=201, response_model=dict[str, Any],
+              dependencies=[Depends(require_token)], responses={**AUTH_ERRORS, 422: ERR})
+    def post_event(event: EventIn) -> dict[str, Any]:
+        """One runtime event (fallback, notification, recovery, critical) from a plugin
+        instance; the newest appear in ``GET /v1/metrics`` under ``resources.events``."""
+        state.add_event(event.model_dump(exclude_none=True))
+        return {"accepted": True}
 
     @app.get("/v1/quotas", tags=["quotas"], response_model=dict[str, Any])
     def get_quotas() -> dict[str, Any]:

@@ -9,7 +9,8 @@ functions over the window's reports and the agent's resource provider (no I/O, n
 * ``scheduler``: processes (instances reporting in the window, or the driver's count),
   requests running and queued (summed over instances), average latency ms (window mean);
 * ``fallback``: per instance, the runtime's active rows and critical flag, plus the
-  newest ``events`` across instances (fallbacks, notifications, recoveries);
+  newest ``events`` across instances (fallbacks, notifications, recoveries) -- from the
+  reports and from ``POST /v1/events`` (sent as they happen, requests or not);
 * ``devices`` / ``backends`` / ``host_memory``: the agent machine's telemetry.
 
 Compact fields (the guide's monitoring, A/B and auto-tuner scripts read these):
@@ -33,9 +34,11 @@ def _sum(rows: list[dict[str, Any]], key: str) -> int:
 
 
 def resources_section(reports: list[Any], provided: dict[str, Any], latency_mean_ms: float | None,
-                      max_events: int = 20) -> dict[str, Any]:
+                      max_events: int = 20, posted: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """See the module docstring. ``reports``: window reports (oldest first), each with a
-    ``resources`` attribute (dict or None); ``provided``: the agent's resource provider."""
+    ``resources`` attribute (dict or None); ``provided``: the agent's resource provider;
+    ``posted``: events instances sent to ``POST /v1/events`` (merged with the reports'
+    events, duplicates dropped)."""
     newest: dict[str, dict[str, Any]] = {}
     for r in reports:
         if isinstance(r.resources, dict):
@@ -57,6 +60,10 @@ def resources_section(reports: list[Any], provided: dict[str, Any], latency_mean
             fallback[inst] = {"critical": bool(rt.get("critical")), "active": rt.get("active", []),
                               "counters": rt.get("counters", {})}
             events += [{**e, "instance": inst} for e in rt.get("events", []) if isinstance(e, dict)]
+    seen = {(e.get("instance"), e.get("timestamp"), e.get("kind"), e.get("reason")) for e in events}
+    for e in posted or []:
+        if (e.get("instance"), e.get("timestamp"), e.get("kind"), e.get("reason")) not in seen:
+            events.append(e)
     events.sort(key=lambda e: e.get("timestamp") or 0)
     return {
         "kv_budget": {

@@ -159,6 +159,20 @@ class HistoryView(BaseModel):
                                         "compact form (timestamp, tps), oldest first")
 
 
+class EventIn(_In):
+    """``POST /v1/events`` body: one runtime event of a plugin instance (a fallback of the
+    guide's §4.1 table, a notification, a recovery, the critical state)."""
+
+    instance: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+\-]+$")
+    timestamp: float = Field(..., ge=0, le=MAX_UNIX_TIME, description="UNIX seconds")
+    kind: str = Field(..., min_length=1, max_length=64, description="fallback | notification | recovered | critical | ...")
+    reason: str = Field(..., max_length=64, description="the table row, e.g. npu_unavailable")
+    detail: str = Field("", max_length=1000)
+    severity: str | None = Field(None, max_length=32)
+    level: int | None = Field(None, ge=0, le=1000)
+    action: str | None = Field(None, max_length=1000)
+
+
 class QuotaIn(BaseModel):
     """``POST /v1/quotas`` body: one client's limits (null = no limit)."""
 

@@ -22,6 +22,7 @@ on this platform" and the memory pool is null.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -124,6 +125,7 @@ class AgentState:
 
         self.window = MetricsWindow(config.window_seconds, config.baseline_reference_size)
         self._reload_window()
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
 
     # -- persistence -------------------------------------------------------------------
     def _persist(self) -> None:
@@ -221,6 +223,11 @@ class AgentState:
             self.window.prune(received)
         return row_id, False
 
+    def add_event(self, event: dict[str, Any]) -> None:
+        """Keep one posted runtime event (in memory, newest 200)."""
+        with self._lock:
+            self.events.append(event)
+
     def history(self, limit: int) -> dict[str, Any]:
         items = self.store.recent(limit)
         points = [{"timestamp": iso_utc(float(it["stats"].get("end_time") or it["received_at"])),
@@ -307,7 +314,9 @@ class AgentState:
                 "uptime_seconds": round(now - self.started_at, 3),
             },
         }
-        doc["resources"] = resources_section(reports, provided, sections["latency"]["mean_ms"])
+        with self._lock:
+            posted = list(self.events)
+        doc["resources"] = resources_section(reports, provided, sections["latency"]["mean_ms"], posted=posted)
         if doc["memory"]["memory_pool"] is None and doc["resources"]["memory_pool"] is not None:
             doc["memory"]["memory_pool"] = doc["resources"]["memory_pool"]
             doc["memory"]["definitions"].pop("memory_pool", None)

@@ -87,6 +87,7 @@ class AdaptiveRuntime:
         from ..resources import Telemetry
 
         self.engine = engine
+        self.agent = agent
         self.fallback = FallbackManager(settings, clock=clock, wall=wall, on_event=self._on_event)
         engine.failover.fallback = self.fallback
         rm = getattr(engine, "resources", None)
@@ -103,6 +104,9 @@ class AdaptiveRuntime:
         rm = getattr(self.engine, "resources", None)
         if ev["kind"] == "fallback" and ev["reason"] == "memory_pressure" and rm is not None:
             ev["sessions_evicted"] = rm.relieve(idle_s=0.0)
+        post = getattr(self.agent, "post_event", None)
+        if post is not None:  # the agent event of the guide's notification chain
+            post(ev)
 
     def apply(self, policy: Any, context: Any = None) -> Any:
         """The fast loop: the table's actions on one request's policy."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import random
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class Settings:
     window_s: float = 300.0
     max_consecutive: int = 5
     max_events: int = 200
+    expect_dml: bool = sys.platform == "win32"  # DirectML missing counts although never seen
 
 
 @dataclass
@@ -224,7 +226,7 @@ class FallbackManager:
             if has_dml:
                 self.dml_seen = True
                 self._holds(row, True, now, self.s.dml_recover_s, "DirectML available again")
-            elif "dml" in wants and self.dml_seen and now >= row.next_check:
+            elif "dml" in wants and (self.dml_seen or self.s.expect_dml) and now >= row.next_check:
                 if not row.active:
                     self.trigger("dml_missing", "DmlExecutionProvider no longer in onnxruntime's providers")
                 else:  # re-detect with backoff: still missing
