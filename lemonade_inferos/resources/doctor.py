@@ -63,6 +63,14 @@ def diagnose(policy_spec: str | None = None, probes: bool = True) -> dict[str, A
     if missing:
         plan["fallback"] = (f"{', '.join(sorted(set(missing)))} not available: running on {decode} "
                             "(guide §4.1 'DML not detected' row: conservative KV thresholds until it returns)")
+    from .manager import budget_from_policy
+    from .pool import memlock_limit
+
+    budget, how = budget_from_policy(policy, int(tel["host"].extra["available_bytes"]))
+    lim = memlock_limit()
+    plan["kv_budget"] = {"bytes": budget, "source": how,
+                         "pool_locked": lim is None or lim >= budget,
+                         "memlock_limit_bytes": lim}
     host = tel["host"]
     return {
         "machine": {k: v for k, v in sysinfo.machine_description().items() if k != "providers"},
@@ -98,6 +106,10 @@ def render(r: dict[str, Any]) -> str:
     if "fallback" in p:
         lines.append(f"  {p['fallback']}")
     lines.append(f"  KV cache: {p['kv'].get('why')}")
+    b = p["kv_budget"]
+    lines.append(f"  KV budget (inferos serve): {format_size(b['bytes'])} from {b['source']}; pool "
+                 + ("page-locked" if b["pool_locked"] else
+                    f"pageable (RLIMIT_MEMLOCK {format_size(b['memlock_limit_bytes'])} is smaller)"))
     if p["kv"].get("levels"):
         lines.append(f"  KV levels: {', '.join(p['kv']['levels'])}")
     return "\n".join(lines)
