@@ -61,8 +61,12 @@ def diagnose(policy_spec: str | None = None, probes: bool = True) -> dict[str, A
     missing = [d for d in (policy.scheduler.decode_device, policy.scheduler.prefill_device)
                if ort_options.DEVICE_PROVIDER[d] not in available]
     if missing:
-        plan["fallback"] = (f"{', '.join(sorted(set(missing)))} not available: running on {decode} "
-                            "(guide §4.1 'DML not detected' row: conservative KV thresholds until it returns)")
+        import sys
+
+        row = ("the fallback table's 'DML not detected' row applies: conservative KV thresholds until it returns"
+               if sys.platform == "win32" else
+               "this onnxruntime build has no such provider, so nothing is lost and KV thresholds stay as set")
+        plan["fallback"] = f"{', '.join(sorted(set(missing)))} not available: running on {decode} ({row})"
     from .manager import budget_from_policy
     from .pool import memlock_limit
 
