@@ -108,8 +108,9 @@ class RunStats:
     wall time (tokens/s); ``peak_rss_bytes`` is the process peak resident set size.
     ``prompt_nll`` is the mean negative log-likelihood (nats/token) of the prompt tokens
     under the model, computed from the prefill logits. ``kv`` is the KV cache at the end.
-    ``resources`` is the process's resource-manager view at the end of the request (KV
-    budget, memory pool, scheduler, fallback state and recent events), None without one.
+    ``resources`` is the process's resource-manager view at the end of the request, taken
+    while the request still holds its KV reservation (KV budget, memory pool, scheduler,
+    fallback state and recent events), None without a resource manager.
     """
 
     request_id: str = ""
