@@ -1,4 +1,4 @@
-"""``inferos generate | demo | convert | eval``: the model-facing subcommands."""
+"""``inferos generate | demo | eval``: the model-facing subcommands (``convert``/``pull``: :mod:`.model_cli`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ DEMO_PROMPTS = [
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="model folder (default: the embedded stories260K model)")
+    p.add_argument("--model", metavar="DIR|NAME",
+                   help="model folder, or a known model name fetched on first use (inferos pull --list); "
+                   "default: the embedded stories260K model")
     p.add_argument(
         "--policy",
         metavar="FILE|PRESET",
@@ -56,18 +58,6 @@ def register(sub: Any) -> None:
     d.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), metavar="N", help="how many demo prompts")
     d.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     d.set_defaults(func=cmd_demo)
-
-    c = sub.add_parser(
-        "convert",
-        help="convert a checkpoint into a model folder (ONNX decoder + genai_config + tokenizer)",
-        description="Convert a llama2.c checkpoint and tokenizer into a model folder that inferos, "
-        "onnxruntime-genai and Hugging Face AutoTokenizer can load.",
-    )
-    c.add_argument("format", choices=["llama2c"], help="checkpoint format")
-    c.add_argument("checkpoint", help="llama2.c .bin checkpoint")
-    c.add_argument("tokenizer", help="llama2.c tokenizer .bin")
-    c.add_argument("out_dir", help="output model folder")
-    c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser(
         "eval",
@@ -203,20 +193,6 @@ def _common_prefix_words(a: str, b: str) -> int:
             break
         n += 1
     return n
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .model.convert import convert_llama2c
-
-    for label, p in (("checkpoint", args.checkpoint), ("tokenizer", args.tokenizer)):
-        if not Path(p).is_file():
-            return _fail(f"{label} file {p!r} does not exist")
-    try:
-        out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, progress=lambda msg: print(msg, file=sys.stderr))
-    except ValueError as e:
-        return _fail(str(e))
-    print(out)
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
