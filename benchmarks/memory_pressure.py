@@ -17,12 +17,15 @@ Each chat: a ``--prompt``-token prompt (random token ids, seeded per chat) then
 ``--chats`` threads. Measured per arm: completed / refused requests, request latency
 (submission to completion, queueing included; p50 / p95 over completed requests), peak
 RSS of the worker (``VmHWM``: model weights + KV + runtime), the peak of the live KV bytes
-summed over running requests (sampled every 2 ms from the stores' own accounting) and
+summed over running requests (sampled every 2 ms from the stores' own accounting; a
+request's cache counts from its creation until its request returns) and
 its ratio to the budget ("budget adherence": <= 1.0 means never exceeded), total tokens/s.
 
 Model: ``--model synthetic`` (benchmarks/synthetic_model.py preset ``small``: dim 512,
-4 layers, 8 heads / 4 KV heads, head_dim 64, 4 KiB fp16 KV per token; random weights, so
-the numbers are about memory and scheduling, not text) or a model folder path.
+4 layers, 8 heads / 4 KV heads, head_dim 64, 4 KiB fp16 KV per token; random weights and
+random prompt ids, so the numbers are about memory and scheduling, not text) or a real
+model (a folder, or a name ``inferos pull`` knows, e.g. ``smollm2-135m-instruct``), whose
+prompts are consecutive slices of ``--text`` (default ``benchmarks/data/eval_long.txt``).
 
 Usage::
 
@@ -38,7 +41,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -89,27 +91,37 @@ def worker(args: argparse.Namespace) -> dict:
     from lemonade_inferos.resources.budget import BudgetExceeded
     from lemonade_inferos.resources.manager import ResourceManager, attach
     from lemonade_inferos.sysinfo import rss_bytes
+    from lemonade_inferos.types import InferenceContext
 
     pol = load_policy("default")
     if args.arm == "fp32_no_rm":
         pol = pol.merged({"kv": {"mode": "disabled"}})
     pm = get_plugin_manager(entry_points=False)
     eng = Engine(args.model_dir, pm=pm, policy=pol)
-    caches: "weakref.WeakSet" = weakref.WeakSet()
+    caches: dict[str, object] = {}  # request id -> its cache, while the request runs
     real_kv = pm.kv_cache
 
     def tracked(policy, spec, context):
         c = real_kv(policy, spec, context)
-        caches.add(c)
+        caches[context.request_id] = c
         return c
 
     pm.kv_cache = tracked
     if args.arm == "tiered_rm":
         attach(eng, ResourceManager(args.budget, timeout_s=args.timeout))
     rng = np.random.default_rng(0)
-    prompts = [[eng.spec.bos_token_id, *rng.integers(3, eng.spec.vocab_size, args.prompt - 1).tolist()]
-               for _ in range(args.chats)]
-    eng.generate(prompts[0][:32], GenerationConfig(max_new_tokens=4))  # warm the session
+    if args.text:  # a real model: consecutive slices of a real text, one per chat
+        ids = eng.encode(Path(args.text).read_text(encoding="utf-8"))
+        while len(ids) < args.chats * (args.prompt - 1):
+            ids = ids + ids
+        prompts = [[eng.spec.bos_token_id, *ids[i * (args.prompt - 1):(i + 1) * (args.prompt - 1)]]
+                   for i in range(args.chats)]
+    else:
+        prompts = [[eng.spec.bos_token_id, *rng.integers(3, eng.spec.vocab_size, args.prompt - 1).tolist()]
+                   for _ in range(args.chats)]
+    eng.generate(prompts[0][:32], GenerationConfig(max_new_tokens=4),  # warm the session
+                 context=InferenceContext(model="bench", prompt_tokens=32, max_new_tokens=4, request_id="warm"))
+    caches.clear()
     idle_rss = rss_bytes()
     reset_hwm()
     lat, refused, tokens = [], 0, 0
@@ -119,7 +131,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     def live_kv() -> int:
         total = 0
-        for c in list(caches):
+        for c in list(caches.values()):
             tb = getattr(c, "total_bytes", None)
             try:
                 total += int(tb() if callable(tb) else c.stats().total_bytes)
@@ -135,12 +147,16 @@ def worker(args: argparse.Namespace) -> dict:
     def chat(i: int) -> None:
         nonlocal refused, tokens
         t0 = time.perf_counter()
+        rid = f"chat{i}"
+        ctx = InferenceContext(model="bench", prompt_tokens=len(prompts[i]), max_new_tokens=args.new, request_id=rid)
         try:
-            r = eng.generate(prompts[i], GenerationConfig(max_new_tokens=args.new, stop_on_eos=False))
+            r = eng.generate(prompts[i], GenerationConfig(max_new_tokens=args.new, stop_on_eos=False), context=ctx)
         except BudgetExceeded:
             with lock:
                 refused += 1
             return
+        finally:
+            caches.pop(rid, None)
         with lock:
             lat.append(time.perf_counter() - t0)
             tokens += len(r.token_ids)
@@ -183,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--json", default=str(HERE / "results" / "memory_pressure.json"))
     ap.add_argument("--plot", default=str(HERE / "results" / "memory_pressure.png"))
+    ap.add_argument("--text", default=None,
+                    help="prompt text for a real model (default: benchmarks/data/eval_long.txt unless --model synthetic)")
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=int, help=argparse.SUPPRESS)
@@ -200,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = ensure_synthetic_model("small", progress=print)
     else:
-        folder = Path(args.model).resolve()
+        folder = Path(args.model).expanduser().resolve()
+        if not folder.is_dir():  # a model name: the folder `inferos pull NAME` made
+            from lemonade_inferos.model.registry import resolve_model  # noqa: PLC0415
+
+            folder = Path(resolve_model(args.model))
+        if args.text is None:
+            args.text = str(HERE / "data" / "eval_long.txt")
     spec = DecoderSpec.from_folder(folder)
     fp16_total = int(spec.kv_bytes_per_token(2)) * (args.prompt + args.new) * args.chats
     budget = int(fp16_total * args.budget_frac)
@@ -214,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in order:
             cmd = [sys.executable, __file__, "--arm", arm, "--model-dir", str(folder), "--budget", str(budget),
                    "--chats", str(args.chats), "--prompt", str(args.prompt), "--new", str(args.new),
-                   "--timeout", str(args.timeout)]
+                   "--timeout", str(args.timeout)] + (["--text", args.text] if args.text else [])
             r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "INFEROS_AGENT_URL": ""})
             if r.returncode != 0:
                 print(r.stderr[-3000:], file=sys.stderr)

@@ -11,9 +11,12 @@ each at its per-block bytes from :func:`lemonade_inferos.kv.store.block_level_by
 The floor a budget-honouring store can shrink to (``dynamic``, ``latency_optimized``,
 ``throughput_optimized``: the store demotes and evicts until it fits) is the float16 part
 alone plus one block of slack. Both are at least the prefill transient: a prompt prefilled
-in one run sits at float16 in the store until its blocks are re-tiered, so a reservation
-smaller than ``prompt × float16 bytes/token`` would be exceeded during prefill (measured
-by ``benchmarks/memory_pressure.py`` before this was counted).
+in one run sits at float16 in the store until its blocks are re-tiered, and while that first
+re-tiering runs the quantized copies of its old blocks exist too, so a reservation smaller
+than ``prompt × float16 bytes/token + its old blocks at INT8`` would be exceeded during
+prefill (both parts measured by ``benchmarks/memory_pressure.py`` before they were
+counted). Not counted: the short-lived copy of a quantized tier while a later re-tiering
+rebuilds it (the store's accounting never shows both), and onnxruntime's activations.
 
 Admission (:meth:`KVBudget.reserve`), in this order:
 
@@ -90,7 +93,10 @@ def kv_bytes_estimate(spec: Any, policy: Any, tokens: int, prompt_tokens: int | 
     old = sum(math.ceil(old_blocks * f) * lb[i] for i, f in enumerate(fractions))
     want = fixed_tokens * row + int(old)
     floor = (min(T, c.sink_tokens + c.recent_window) + 2 * c.block_len) * row
-    transient = min(T, int(prompt_tokens or 0)) * row  # the prefill's rows at float16, before re-tiering
+    # prefill transient: the prompt's rows at float16 plus, while its first re-tiering runs,
+    # the quantized copies of its old blocks (at INT8, the larger quantized level)
+    P = min(T, int(prompt_tokens or 0))
+    transient = P * row + math.ceil(max(0, P - fixed_tokens) / c.block_len) * lb[1] if P else 0
     if policy.kv.budget_bytes is not None:
         want = max(min(want, int(policy.kv.budget_bytes)), min(floor, want))
     tight = mode in BUDGET_MODES
