@@ -243,9 +243,11 @@ def test_store_buffers_come_from_the_pool(embedded_model):
     assert pool.status().used_bytes < pool.total_bytes
 
 
-def test_grant_covers_the_prefill_retiering_peak(embedded_model, monkeypatch):
-    """The store's accounting peaks inside the prefill's first re-tiering (all prompt rows
-    still at float16 while the new quantized tiers exist); the reservation covers it."""
+@pytest.mark.parametrize("chunk", [512, 64])
+def test_grant_covers_the_prefill_retiering_peak(embedded_model, monkeypatch, chunk):
+    """The store's accounting peaks inside a prefill chunk's re-tiering (the chunk's rows
+    still at float16 while the new quantized tiers exist); the reservation covers it, for a
+    one-run prefill and a chunked one."""
     from lemonade_inferos.kv.store import TieredKVCache
 
     peaks = []
@@ -259,9 +261,14 @@ def test_grant_covers_the_prefill_retiering_peak(embedded_model, monkeypatch):
     monkeypatch.setattr(TieredKVCache, "_apply", apply)
     rm = ResourceManager(10**8, timeout_s=0)
     eng = _engine(embedded_model, rm)
+    eng.policy = eng.policy.merged({"runtime": {"prefill_chunk_tokens": chunk}})
     prompt = eng.encode(PROMPT * 14)[:420]
     grants = []
     real_admit = rm.admit
     monkeypatch.setattr(rm, "admit", lambda *a, **k: grants.append(real_admit(*a, **k)) or grants[-1])
     eng.generate(prompt, GenerationConfig(max_new_tokens=8, stop_on_eos=False))
-    assert peaks and max(peaks) <= grants[0].reservation.granted, (max(peaks), grants[0].reservation.granted)
+    granted = grants[0].reservation.granted
+    assert peaks and max(peaks) <= granted, (max(peaks), granted)
+    if chunk == 64:  # chunking lowers the reservation (a whole-prompt transient would be larger)
+        whole = kv_bytes_estimate(eng.spec, eng.policy, 428, prompt_tokens=420, chunk_tokens=420)
+        assert granted < whole.want

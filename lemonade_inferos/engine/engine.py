@@ -10,6 +10,12 @@ One request::
     decode   : run(one id) per step (IOBinding)         -> logits, cache.update(...)
     hooks.after_request(context, stats)                 # PostRun (or on_request_error)
 
+Prefill runs in chunks of ``policy.runtime.prefill_chunk_tokens`` tokens (each run's
+attention scores are ``[heads, chunk, past + chunk]``, never ``[heads, T, T]``). The prompt's
+negative log-likelihood (a log-softmax over every prompt row) is not on the path to the first
+token: each chunk's rows are scored on a worker thread while the next chunk runs, and the
+result is collected after the first token was handed out.
+
 Timing: TTFT is taken when the first generated token is handed to the caller's ``on_token``
 callback (after prefill, sampling and detokenization), decode tokens/s over the remaining
 tokens, peak RSS from ``getrusage`` (process lifetime peak, bytes).
@@ -38,7 +44,8 @@ from ..ort_options import prime_run_options
 from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
 from ..types import InferenceContext, KVStats, RunStats
-from .sampling import GenerationConfig, log_softmax, select_token
+from .prompt_nll import PromptNLL
+from .sampling import GenerationConfig, select_token
 from .text import IncrementalDetokenizer, StopStream, TextCodec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -262,18 +269,24 @@ class Engine:
             cache.update(dict(zip(outs, vals[1:])), n)
         return logits
 
+    def _after_run_failure(self, sess, error, cache, ro, policy, pm, stats):
+        """A run on ``sess`` raised ``error``: the session without the failed provider (next
+        in the chain), or ``error`` re-raised when it was CPU or a deadline stop."""
+        if getattr(ro, "terminate", False) or not self.failover.run_failed(sess, error):
+            raise error
+        failed = sess.get_providers()[0]
+        sess = self.session(cache.graph_file, policy, pm)
+        stats.provider = sess.get_providers()[0]
+        stats.notes.append(f"provider {failed} failed during the run; continued on {stats.provider}")
+        return sess
+
     def _run_failover(self, sess, cache, ids, start_pos, ro, iob, policy, pm, stats):
         """:meth:`_run`; when the session's provider fails during the run, the same step runs
         again on a session without it (next provider in the chain). Returns (session, logits)."""
         try:
             return sess, self._run(sess, cache, ids, start_pos, ro, iob)
         except Exception as e:
-            if getattr(ro, "terminate", False) or not self.failover.run_failed(sess, e):
-                raise
-            failed = sess.get_providers()[0]
-            sess = self.session(cache.graph_file, policy, pm)
-            stats.provider = sess.get_providers()[0]
-            stats.notes.append(f"provider {failed} failed during the run; continued on {stats.provider}")
+            sess = self._after_run_failure(sess, e, cache, ro, policy, pm, stats)
             return sess, self._run(sess, cache, ids, start_pos, ro, iob)
 
     # -- public API ---------------------------------------------------------------------
@@ -384,14 +397,18 @@ class Engine:
         t_first = None
 
         deadline = self._arm_deadline(ro, context, t0)
+        nll = PromptNLL(ids)
         try:
             t_pre = time.perf_counter()
-            sess, logits = self._run_failover(sess, cache, np.array([ids], dtype=np.int64), 0, ro, iob, policy, pm, stats)
+            start = 0
+            while True:  # a provider failing mid-prefill: the rest runs on the next provider
+                try:
+                    last = self._prefill(sess, cache, ids, start, ro, iob, policy.runtime.prefill_chunk_tokens, nll)
+                    break
+                except Exception as e:
+                    sess = self._after_run_failure(sess, e, cache, ro, policy, pm, stats)
+                    start = cache.seq_length
             stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
-            if len(ids) > 1:
-                lp = log_softmax(logits[:-1])
-                stats.prompt_nll = float(-lp[np.arange(len(ids) - 1), ids[1:]].mean())
-            last = logits[-1]
             pos = len(ids)
             step_ids = np.zeros((1, 1), dtype=np.int64)
             while True:
@@ -430,11 +447,29 @@ class Engine:
         finally:
             if deadline is not None:
                 deadline.timer.cancel()  # type: ignore[attr-defined]
+            stats.prompt_nll = nll.result()
         self._flush(stream, on_token, finish)
         stats.kv = cache.stats()
         stats.finish_reason = finish
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    def _prefill(self, sess: ort.InferenceSession, cache: KVCache, ids: list[int], start: int,
+                 ro: ort.RunOptions, iob: bool, chunk: int, nll: PromptNLL | None = None) -> np.ndarray:
+        """Run ``ids[start:]`` at positions ``start..`` in chunks of ``chunk`` tokens.
+
+        Returns the float32 ``[vocab]`` logits after the last token; hands each chunk's
+        logits rows to ``nll`` (scored off the critical path).
+        """
+        last = None
+        for s0 in range(start, len(ids), chunk):
+            piece = np.array([ids[s0:s0 + chunk]], dtype=np.int64)
+            logits = self._run(sess, cache, piece, s0, ro, iob)
+            if nll is not None:
+                nll.add(logits, s0)
+            last = logits[-1]
+        assert last is not None, "prefill of an empty range"
+        return last
 
     @staticmethod
     def _flush(stream: StopStream, on_token: OnToken | None, finish: str) -> None:
@@ -541,8 +576,13 @@ class Engine:
             self._guard = QualityGuard(lambda pol: evaluate_ids(self, self.calibration_ids(), pol), key=str(self.spec.folder))
         return self._guard
 
-    def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None) -> np.ndarray:
-        """Feed ``ids`` one token at a time through ``cache`` (the real cached decode path).
+    def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None,
+                              chunk: int = 1) -> np.ndarray:
+        """Feed ``ids`` through ``cache`` (the real cached decode path), ``chunk`` tokens per run.
+
+        With ``chunk=1`` every token reads all earlier tokens from the cache (the exact
+        decode path). With ``chunk=k`` a token reads the earlier tokens of its own run at
+        float32 (as prefill does) and everything before the run from the cache.
 
         Returns:
             float32 ``[len(ids), vocab]``: row ``i`` is the next-token logits after
@@ -550,15 +590,22 @@ class Engine:
 
         Raises:
             ContextLengthError: more ids than the model's context.
+            ValueError: ``chunk < 1``.
         """
         if len(ids) > self.spec.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of {self.spec.context_length}")
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk} must be >= 1")
         policy = policy or self.policy
         sess = self.session(cache.graph_file, policy)
         ro = prime_run_options(ort.RunOptions())
         out = np.empty((len(ids), self.spec.vocab_size), dtype=np.float32)
         step = np.zeros((1, 1), dtype=np.int64)
-        for i, t in enumerate(ids):
-            step[0, 0] = t
-            out[i] = self._run(sess, cache, step, i, ro, True)[-1]
+        for i in range(0, len(ids), chunk):
+            if chunk == 1:
+                step[0, 0] = ids[i]
+                out[i] = self._run(sess, cache, step, i, ro, True)[-1]
+            else:
+                piece = np.array([ids[i:i + chunk]], dtype=np.int64)
+                out[i:i + piece.shape[1]] = self._run(sess, cache, piece, i, ro, True)
         return out

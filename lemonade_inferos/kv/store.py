@@ -195,6 +195,12 @@ SCHEMES: dict[str, StoreConfig] = {
     "hf_quantized": StoreConfig(block_len=64, key_axis="channel", key_group=64, value_group=32,
                                 sink_tokens=0, recent_window=128, uniform_level=2,
                                 importance="none", name="hf_quantized"),
+    # KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+    # Cache"): keys per channel in groups of 32 tokens, values per token in groups of 32
+    # channels, a 128-token full-precision residual; at 4 bits (the store has no 2-bit level)
+    "kivi4": StoreConfig(block_len=32, key_axis="channel", key_group=32, value_group=32,
+                         sink_tokens=0, recent_window=128, uniform_level=2,
+                         importance="none", name="kivi4"),
 }
 
 
@@ -213,7 +219,7 @@ def block_level_bytes(c: StoreConfig, spec: DecoderSpec) -> list[int]:
 
 
 def store_for_scheme(name: str, spec: DecoderSpec, policy=None) -> "TieredKVCache":
-    """A store for a named scheme: ``fp16``, ``q8_0``, ``q4_0``, ``hf_quantized`` or
+    """A store for a named scheme: ``fp16``, ``q8_0``, ``q4_0``, ``hf_quantized``, ``kivi4`` or
     ``tiered`` (the policy's tiered store; ``policy`` defaults to the ``default`` preset).
 
     Raises:

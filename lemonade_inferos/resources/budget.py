@@ -10,12 +10,11 @@ each at its per-block bytes from :func:`lemonade_inferos.kv.store.block_level_by
 (metadata included), blocks rounded up. A ``kv.budget_bytes`` in the policy caps it.
 The floor a budget-honouring store can shrink to (``dynamic``, ``latency_optimized``,
 ``throughput_optimized``: the store demotes and evicts until it fits) is the float16 part
-alone plus one block of slack. Both are at least the prefill transient: a prompt prefilled
-in one run sits at float16 in the store until its blocks are re-tiered, and while that first
-re-tiering runs the quantized copies of its old blocks exist too, so a reservation smaller
-than ``prompt × float16 bytes/token + its old blocks at INT8`` would be exceeded during
-prefill (both parts measured by ``benchmarks/memory_pressure.py`` before they were
-counted). Not counted: the short-lived copy of a quantized tier while a later re-tiering
+alone plus one block of slack. Both are at least the prefill transient: each prefill
+chunk (``runtime.prefill_chunk_tokens``) sits at float16 in the store until its blocks are
+re-tiered, and while that re-tiering runs the quantized copies of its blocks exist too, so
+a smaller reservation would be exceeded during prefill (both parts measured by
+``benchmarks/memory_pressure.py`` before they were counted). Not counted: the short-lived copy of a quantized tier while a later re-tiering
 rebuilds it (the store's accounting never shows both), and onnxruntime's activations.
 
 Admission (:meth:`KVBudget.reserve`), in this order:
@@ -69,11 +68,15 @@ def _mode(policy: Any) -> str:
     return m.value if hasattr(m, "value") else str(m)
 
 
-def kv_bytes_estimate(spec: Any, policy: Any, tokens: int, prompt_tokens: int | None = None) -> Estimate:
+def kv_bytes_estimate(spec: Any, policy: Any, tokens: int, prompt_tokens: int | None = None,
+                      chunk_tokens: int | None = None) -> Estimate:
     """See the module docstring. ``spec``: a DecoderSpec; ``tokens``: prompt + max new;
-    ``prompt_tokens``: the part prefilled in one run (default: all of ``tokens``' prompt is
-    unknown, so 0), whose K/V the tiered store holds at float16 until the prefill's blocks
-    are re-tiered -- both ``want`` and ``floor`` are at least that transient."""
+    ``prompt_tokens``: the prompt (0/None = not counted), prefilled in runs of
+    ``chunk_tokens`` (default: ``policy.runtime.prefill_chunk_tokens`` when the policy has
+    it, else the whole prompt at once); both ``want`` and ``floor`` are at least the
+    prefill's transient peak in the store."""
+    if chunk_tokens is None:
+        chunk_tokens = getattr(getattr(policy, "runtime", None), "prefill_chunk_tokens", None)
     from ..kv.store import StoreConfig, block_level_bytes
 
     T = max(1, min(int(tokens), int(spec.context_length)))
@@ -90,13 +93,22 @@ def kv_bytes_estimate(spec: Any, policy: Any, tokens: int, prompt_tokens: int | 
     if mode == "quality_optimized":
         t2 = t3 = 1.0
     fractions = (t1, max(0.0, t2 - t1), max(0.0, t3 - t2))
-    old = sum(math.ceil(old_blocks * f) * lb[i] for i, f in enumerate(fractions))
-    want = fixed_tokens * row + int(old)
+
+    def old_bytes(n_blocks: int) -> int:
+        return int(sum(math.ceil(n_blocks * f) * lb[i] for i, f in enumerate(fractions)))
+
+    want = fixed_tokens * row + old_bytes(old_blocks)
     floor = (min(T, c.sink_tokens + c.recent_window) + 2 * c.block_len) * row
-    # prefill transient: the prompt's rows at float16 plus, while its first re-tiering runs,
-    # the quantized copies of its old blocks (at INT8, the larger quantized level)
+    # prefill transient (prompt run in chunks of C tokens): L0 holds the kept float16 rows plus
+    # one chunk, the tiers the prompt's older blocks so far, and while a chunk's re-tiering
+    # runs, quantized copies (INT8, the larger level) of that chunk's blocks exist as well
     P = min(T, int(prompt_tokens or 0))
-    transient = P * row + math.ceil(max(0, P - fixed_tokens) / c.block_len) * lb[1] if P else 0
+    C = min(P, int(chunk_tokens or P))
+    transient = 0
+    if P:
+        transient = (min(P, fixed_tokens + C) * row
+                     + old_bytes(math.ceil(max(0, P - fixed_tokens - C) / c.block_len))
+                     + math.ceil(C / c.block_len) * lb[1])
     if policy.kv.budget_bytes is not None:
         want = max(min(want, int(policy.kv.budget_bytes)), min(floor, want))
     tight = mode in BUDGET_MODES
