@@ -345,3 +345,19 @@ def test_dml_never_seen_counts_where_it_is_expected():
     win = FallbackManager(Settings(expect_dml=True), clock=clock)
     win.observe(Observation(providers=["CPUExecutionProvider"]), pol)
     assert win.rows["dml_missing"].active
+
+
+def test_provider_failing_mid_chunked_prefill_resumes_on_cpu(embedded_model):
+    def factory(path, sess_options=None, providers=(), provider_options=()):
+        real = ort.InferenceSession(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        return FlakyDml(real, fail_at=2) if providers[0] == "DmlExecutionProvider" else real
+
+    pol = load_policy("default").merged({"runtime": {"prefill_chunk_tokens": 32}})
+    eng = _dml_engine(embedded_model, factory)
+    ref = Engine(embedded_model, pm=get_plugin_manager(entry_points=False), policy=pol)
+    prompt = ref.encode(PROMPT * 4)[:100]  # 4 prefill chunks; the 2nd fails
+    want = ref.generate(prompt, GenerationConfig(max_new_tokens=20), policy=pol)
+    got = eng.generate(prompt, GenerationConfig(max_new_tokens=20), policy=pol)
+    assert got.token_ids == want.token_ids and got.stats.provider == "CPUExecutionProvider"
+    assert got.stats.prompt_nll == pytest.approx(want.stats.prompt_nll, rel=1e-4)
+    assert eng.failover.failures["DmlExecutionProvider"] == 1
