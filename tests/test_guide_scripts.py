@@ -28,6 +28,7 @@ def post_reports(url: str, n: int = 3) -> None:
         s = RunStats(request_id=f"r{i}", model="m", start_time=now - 1.0, end_time=now - 0.5, prompt_tokens=40,
                      generated_tokens=30, ttft_ms=20.0 + i, total_ms=500.0, decode_tps=60.0 + i,
                      prompt_nll=2.0 if base else 2.05, baseline=base, policy_name="baseline" if base else "default",
+                     prompt_hash=f"p{i % n}",  # each prompt ran both ways: ΔPPL compares like with like
                      kv=KVStats(tokens=70, total_bytes=10000, fp16_bytes=40000, blocks=2, store="tiered"),
                      resources=None if base else {
                          "kv_budget": {"total_bytes": 10**6, "reserved_bytes": 5000, "used_bytes": 4000,
@@ -110,10 +111,13 @@ def test_compact_fields_resources_and_history(agent):
 def test_baseline_without_body_and_curl_form(agent):
     r = requests.post(agent.url + "/v1/baseline", headers=H, timeout=10)
     assert r.status_code == 200 and r.json()["baseline"] is True
-    r = requests.post(agent.url + "/v1/baseline", data='{"enable": false}', headers={
-        **H, "Content-Type": "application/x-www-form-urlencoded"}, timeout=10)  # what `curl -d` sends
+    r = requests.post(agent.url + "/v1/baseline", json={"enable": False}, headers=H, timeout=10)
     assert r.status_code == 200 and r.json()["baseline"] is False
-    r = requests.post(agent.url + "/v1/baseline", data="not json", headers=H, timeout=10)
+    r = requests.post(agent.url + "/v1/baseline", data='{"enable": false}', headers={
+        **H, "Content-Type": "application/x-www-form-urlencoded"}, timeout=10)  # what bare `curl -d` sends
+    assert r.status_code == 415  # JSON-only bodies (lemonade_inferos.http_guard: no cross-site form posts)
+    r = requests.post(agent.url + "/v1/baseline", data="not json", headers={**H, "Content-Type": "application/json"},
+                      timeout=10)
     assert r.status_code == 400
     assert requests.post(agent.url + "/v1/baseline", timeout=10).status_code == 401
 

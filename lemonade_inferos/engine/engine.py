@@ -43,7 +43,7 @@ from ..plugins import InferosManager, NoopManager, get_plugin_manager
 from ..ort_options import prime_run_options
 from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
-from ..types import InferenceContext, KVStats, RunStats
+from ..types import InferenceContext, KVStats, RunStats, prompt_fingerprint
 from .prompt_nll import PromptNLL
 from .sampling import GenerationConfig, select_token
 from .text import IncrementalDetokenizer, StopStream, TextCodec
@@ -55,6 +55,12 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("lemonade_inferos.engine")
 
 OnToken = Callable[[int, str], "bool | None"]
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (onnxruntime messages can span pages)."""
+    text = " ".join(str(e).split())[:limit]
+    return text or type(e).__name__
 
 
 class ContextLengthError(ValueError):
@@ -341,7 +347,8 @@ class Engine:
         pm: InferosManager = NoopManager() if baseline else self.pm
         base = baseline_policy() if baseline else (policy or self.policy)
         t0 = time.perf_counter()
-        stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline)
+        stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline,
+                         prompt_hash=prompt_fingerprint(ids))
         try:
             eff = pm.before_request(context, base)
             if eff.quality.guard and eff.kv.mode != "disabled" and self.backend == "ort":
@@ -557,6 +564,38 @@ class Engine:
         stats.finish_reason = finish
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    def preload(self, policy: Policy | None = None) -> None:
+        """Load and check the model before serving: build the KV store ``policy`` asks for
+        and the baseline one, create their sessions (or the onnxruntime-genai model) and run
+        one token through each. No request hooks fire and nothing is reported.
+
+        Raises:
+            ModelFolderError: a graph file is missing, or onnxruntime / onnxruntime-genai
+                cannot load or run it (message names the file and the reason).
+            PolicyError: the policy's KV store does not fit this model (e.g.
+                ``kv.budget_bytes`` below the model's minimum).
+        """
+        policy = policy or self.policy
+        if self.backend == "oga":
+            try:
+                self._oga_model(policy)
+            except Exception as e:
+                raise ModelFolderError(f"model folder {str(self.spec.folder)!r}: onnxruntime-genai cannot load it "
+                                       f"(corrupt or unsupported model file): {_first_line(e)}") from e
+            return
+        ctx = InferenceContext(model=self.spec.name, prompt_tokens=1, max_new_tokens=1, host="preload")
+        bos = np.array([[self.spec.bos_token_id]], dtype=np.int64)
+        for pm, pol in ((self.pm, policy), (NoopManager(), baseline_policy())):
+            cache = pm.kv_cache(pol, self.spec, ctx)
+            try:
+                sess = self.session(cache.graph_file, pol, pm)
+                self._run(sess, cache, bos, 0, prime_run_options(ort.RunOptions()), False)
+            except ModelFolderError:
+                raise
+            except Exception as e:
+                raise ModelFolderError(f"{str(self.spec.folder / cache.graph_file)!r}: onnxruntime cannot load or run "
+                                       f"it (corrupt or unsupported model file): {_first_line(e)}") from e
 
     def calibration_ids(self) -> list[int]:
         """The quality guard's calibration text: the model's own sample from BOS (temperature

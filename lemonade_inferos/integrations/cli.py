@@ -140,13 +140,21 @@ def register(sub: Any) -> None:
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     """The ``inferos serve`` options (shared with the ``ryzenai-server`` entry point,
     :func:`lemonade_inferos.integrations.server.ryzenai_main`)."""
+    from ..listen import port_number
     from .server import DEFAULT_PORT, DEFAULT_QUEUE_TIMEOUT
 
     s.add_argument("-m", "--model", metavar="MODEL_DIR", default=None,
                    help="model folder (genai_config.json + model.onnx + tokenizer); default: the embedded "
                    "stories260K model")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="N", help=f"TCP port (default {DEFAULT_PORT})")
+    s.add_argument("--port", type=port_number, default=DEFAULT_PORT, metavar="N",
+                   help=f"TCP port, 0..65535 (default {DEFAULT_PORT}; 0 = a free one)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the API has no auth)")
+    s.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="also accept requests whose Host header is NAME (repeatable; default: loopback names and "
+                   "the --host address). '*' accepts any Host: deliberate remote use behind a proxy; it also "
+                   "lets DNS-rebinding web pages reach the server")
+    s.add_argument("--max-body-bytes", type=_size("--max-body-bytes"), default=None, metavar="SIZE",
+                   help="request body limit, bytes or a size like 16MiB (default 8MiB); larger bodies get 413")
     s.add_argument("--ctx-size", type=_positive_int("--ctx-size", 2), default=None, metavar="N",
                    help="context cap in tokens (prompt + completion); larger than the model's = the model's")
     s.add_argument("--policy", metavar="PRESET|FILE", default=None,
@@ -184,6 +192,21 @@ def _positive_int(flag: str, lo: int) -> Any:
             raise argparse.ArgumentTypeError(f"{flag} {text!r} is not an integer") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"{flag} {v} is not allowed; must be >= {lo}")
+        return v
+
+    return parse
+
+
+def _size(flag: str) -> Any:
+    def parse(text: str) -> int:
+        from ..policy import PolicyError, parse_size
+
+        try:
+            v = parse_size(text, field=flag)
+        except (PolicyError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not allowed; must be >= 1 byte")
         return v
 
     return parse

@@ -141,6 +141,26 @@ class StoreConfig:
         if self.sink_tokens < 0 or self.recent_window < 0:
             raise ValueError("sink_tokens and recent_window must be >= 0")
         GraphLayout(self.key_axis, self.key_group, self.value_group).check(spec.num_kv_heads, spec.head_dim)
+        need = self.min_budget_bytes(spec)
+        if self.budget_bytes is not None and self.mode != "disabled" and self.budget_bytes < need:
+            from ..policy import PolicyError  # the budget is a policy field: report it as one
+
+            row = int(spec.kv_bytes_per_token(2))
+            raise PolicyError([{
+                "field": "kv.budget_bytes", "value": self.budget_bytes,
+                "message": f"below this model's minimum of {need} bytes: the {self.sink_tokens} sink tokens, "
+                f"the {self.recent_window}-token recent window and a forming block of {self.block_len - 1} tokens "
+                f"always stay at float16 ({row} bytes per token); raise kv.budget_bytes to at least {need} "
+                "or lower kv.recent_window"}])
+
+    def min_budget_bytes(self, spec: DecoderSpec) -> int:
+        """The smallest ``budget_bytes`` this store can always meet on ``spec``'s model:
+        sink tokens + recent window + one not-yet-formed block (``block_len - 1`` tokens)
+        at float16 (``2 * layers * kv_heads * head_dim * 2`` bytes per token), capped at
+        the context length. Demoted blocks can always be evicted, so nothing else counts."""
+        row = int(spec.kv_bytes_per_token(2))
+        tokens = min(self.sink_tokens + self.recent_window + self.block_len - 1, int(spec.context_length))
+        return tokens * row
 
     @property
     def levels(self) -> tuple[int, ...]:
