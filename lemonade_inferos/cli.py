@@ -38,6 +38,8 @@ examples:
   inferos agent                                 control agent on 127.0.0.1:7031
   inferos serve -m MODEL_DIR --port 8001        OpenAI-compatible backend (lemond ryzenai-server)
 
+errors are one line; 'inferos --debug COMMAND ...' also prints the traceback.
+
 environment:
   INFEROS_DISABLE=1            run every request as baseline (no plugins)
   INFEROS_CACHE_DIR            where converted models are cached

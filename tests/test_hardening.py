@@ -295,3 +295,16 @@ def test_agent_refuses_unprintable_or_huge_policy_names(agent, name):
 
     with pytest.raises(PolicyError, match="name"):
         load_policy("default").merged({"name": name})
+
+
+def test_a_tiny_temperature_samples_greedily_instead_of_nan():
+    """Found by the serve fuzz: temperature=5e-324 made every probability NaN (a 500)."""
+    import numpy as np
+
+    from lemonade_inferos.engine.sampling import GenerationConfig, select_token
+
+    logits = np.random.default_rng(0).normal(size=512).astype(np.float32)
+    for t in (5e-324, 1e-300, 1e-12):
+        for k, p in ((0, 1.0), (5, 1.0), (0, 0.9)):
+            cfg = GenerationConfig(temperature=t, top_k=k, top_p=p).validate()
+            assert select_token(logits, cfg, np.array([], np.int64), np.random.default_rng(1)) == int(np.argmax(logits))
