@@ -1,5 +1,5 @@
-"""Budget adherence and resident memory under concurrent long requests, on the synthetic
-Llama-shaped model, each arm in its own process (benchmarks/memory_pressure.py's worker):
+"""Budget adherence and resident memory under six concurrent 544-token requests, on the
+synthetic Llama-shaped model, each arm in its own process (benchmarks/memory_pressure.py's worker):
 with the resource manager the live KV never passes the budget, every request completes,
 and the process grows less above idle than the same store without admission."""
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _arm(arm: str, folder: Path, budget: int) -> dict:
     r = subprocess.run([sys.executable, str(BENCH), "--arm", arm, "--model-dir", str(folder), "--budget", str(budget),
-                        "--chats", "4", "--prompt", "512", "--new", "32", "--timeout", "120"],
+                        "--chats", "6", "--prompt", "512", "--new", "32", "--timeout", "120"],
                        capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "INFEROS_AGENT_URL": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -34,12 +34,17 @@ def test_budget_and_rss_under_concurrent_long_requests():
         sys.path.pop(0)
     from lemonade_inferos.model.spec import DecoderSpec
 
+    from lemonade_inferos.policy import load_policy
+    from lemonade_inferos.resources.budget import kv_bytes_estimate
+
     folder = ensure_synthetic_model("small")
     spec = DecoderSpec.from_folder(folder)
-    budget = int(spec.kv_bytes_per_token(2) * 544 * 4 * 0.3)  # 30 % of the four chats' float16 KV
+    one = kv_bytes_estimate(spec, load_policy("default"), 544, prompt_tokens=512).want
+    budget = int(one * 1.3)  # room for one request at a time; six compete
+    assert budget < spec.kv_bytes_per_token(2) * 544 * 6  # below the six chats' float16 KV
     rm = _arm("tiered_rm", folder, budget)
     free = _arm("tiered_no_rm", folder, budget)
-    assert rm["completed"] == 4 and rm["refused"] == 0
+    assert rm["completed"] == 6 and rm["refused"] == 0
     assert rm["peak_live_kv_bytes"] <= budget < free["peak_live_kv_bytes"]
     assert rm["admission"]["peak_reserved_bytes"] <= budget
     grow_rm = rm["peak_rss_bytes"] - rm["idle_rss_bytes"]
