@@ -28,7 +28,7 @@ def post_reports(url: str, n: int = 3) -> None:
         s = RunStats(request_id=f"r{i}", model="m", start_time=now - 1.0, end_time=now - 0.5, prompt_tokens=40,
                      generated_tokens=30, ttft_ms=20.0 + i, total_ms=500.0, decode_tps=60.0 + i,
                      prompt_nll=2.0 if base else 2.05, baseline=base, policy_name="baseline" if base else "default",
-                     prompt_hash=f"p{i % n}",  # each prompt ran both ways: ΔPPL compares like with like
+                     prompt_hash=f"{0xa0 + i % n:x}",  # each prompt ran both ways: ΔPPL compares like with like
                      kv=KVStats(tokens=70, total_bytes=10000, fp16_bytes=40000, blocks=2, store="tiered"),
                      resources=None if base else {
                          "kv_budget": {"total_bytes": 10**6, "reserved_bytes": 5000, "used_bytes": 4000,

@@ -180,6 +180,9 @@ def test_session_cache_is_bounded_lru():
     clock[0] = 100
     c.get("c")
     assert c.evict_idle(idle_s=50) == ["a"] and len(c) == 1
+    assert c == {"c": 3} and dict(c) == {"c": 3}  # a mapping: compares and copies like a dict
+    del c["c"]
+    assert len(c) == 0
 
 
 def test_engine_sessions_bounded(embedded_model):

@@ -13,13 +13,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, MutableMapping
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
 V = TypeVar("V")
 
 
-class LRUCache(Generic[V]):
-    """Args: max_entries (>= 1); clock: monotonic seconds (injectable)."""
+class LRUCache(MutableMapping, Generic[V]):
+    """A mutable mapping (``dict(cache)``, ``==`` with a dict, ``del``) whose reads mark
+    entries used. Args: max_entries (>= 1); clock: monotonic seconds (injectable)."""
 
     def __init__(self, max_entries: int = 8, clock: Callable[[], float] = time.monotonic):
         if not isinstance(max_entries, int) or max_entries < 1:
@@ -47,6 +49,13 @@ class LRUCache(Generic[V]):
         if v is _MISSING:
             raise KeyError(key)
         return v
+
+    def __delitem__(self, key: Hashable) -> None:
+        with self._lock:
+            del self._d[key]
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self.keys())
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:

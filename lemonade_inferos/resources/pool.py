@@ -29,17 +29,16 @@ from typing import Any
 
 import numpy as np
 
+from .driver import MemoryPoolStatus
+
 
 @dataclass(frozen=True)
-class PoolStatus:
-    total_bytes: int
-    used_bytes: int
-    free_bytes: int
-    block_count: int
-    fragmentation: float
-    largest_free_bytes: int
-    locked: bool
-    source: str
+class PoolStatus(MemoryPoolStatus):
+    """The driver's ``MemoryPoolStatus`` fields plus whether the memory is page-locked,
+    which pool it is (``host`` | ``inferos_driver``) and a note (why it is not locked)."""
+
+    locked: bool = False
+    source: str = "host"
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
