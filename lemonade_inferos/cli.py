@@ -7,6 +7,7 @@ this module stays small and imports nothing heavy before a command is chosen:
 * :mod:`lemonade_inferos.model_cli` – ``convert``, ``pull``
 * :mod:`lemonade_inferos.agent.cli` – ``agent``, ``status``, ``policy``
 * :mod:`lemonade_inferos.integrations.cli` – ``serve``, ``lemonade``, ``gaia``
+* :mod:`lemonade_inferos.resources.doctor` – ``doctor``
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ REGISTRARS = (
     "lemonade_inferos.model_cli",
     "lemonade_inferos.agent.cli",
     "lemonade_inferos.integrations.cli",
+    "lemonade_inferos.resources.doctor",
     "lemonade_inferos.driver_cli",
 )
 

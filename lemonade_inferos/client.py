@@ -113,6 +113,9 @@ class _Channel:
         self.backoff.success()
 
 
+EVENT_KEY = "_inferos_event"
+
+
 class AgentClientPlugin:
     """Pluggy plugin talking to the control agent (see the module docstring).
 
@@ -265,6 +268,16 @@ class AgentClientPlugin:
                 self._dropped_unreported += 1
                 self.dropped_total += 1
 
+    def post_event(self, event: dict[str, Any]) -> None:
+        """Queue a runtime event (a fallback, notification or recovery of
+        :mod:`lemonade_inferos.runtime.fallback`) for ``POST /v1/events``; never blocks."""
+        self._ensure_sender()
+        try:
+            self._queue.put_nowait({EVENT_KEY: dict(event)})
+        except queue.Full:
+            with self._count_lock:
+                self.dropped_total += 1
+
     def _ensure_sender(self) -> None:
         with self._thread_lock:
             if self._thread is None or not self._thread.is_alive():
@@ -287,10 +300,13 @@ class AgentClientPlugin:
 
     def _post_one(self, session: requests.Session, item: dict[str, Any]) -> bool:
         """Try to deliver ``item``; True when it is settled (accepted or rejected for good)."""
-        dropped = self._take_dropped()
-        body = {**item, "instance": self.instance, "dropped": dropped}
+        if EVENT_KEY in item:
+            dropped, path, body = 0, "/v1/events", {**item[EVENT_KEY], "instance": self.instance}
+        else:
+            dropped, path = self._take_dropped(), "/v1/stats"
+            body = {**item, "instance": self.instance, "dropped": dropped}
         try:
-            resp = session.post(f"{self.url}/v1/stats", json=body, headers=self._headers(), timeout=self.timeout)
+            resp = session.post(f"{self.url}{path}", json=body, headers=self._headers(), timeout=self.timeout)
         except requests.RequestException as e:
             self._give_back_dropped(dropped)
             self._stats_channel.failed(e, "keeping reports queued")

@@ -124,11 +124,20 @@ class LevelThresholds(_Section):
     @model_validator(mode="after")
     def _ordered(self) -> "LevelThresholds":
         if not (self.L1_int8 <= self.L2_int4 <= self.L3_evict):
-            raise ValueError(
+            msg = (
                 f"thresholds must satisfy L1_int8 <= L2_int4 <= L3_evict (each is the fraction of "
                 f"demotable blocks kept better than that level); got L1_int8={self.L1_int8}, "
                 f"L2_int4={self.L2_int4}, L3_evict={self.L3_evict}"
             )
+            if self.L1_int8 >= self.L2_int4 >= self.L3_evict:
+                eq = [round(1.0 - x, 6) for x in (self.L1_int8, self.L2_int4, self.L3_evict)]
+                msg += (
+                    f". Descending values such as the seed guide's 0.7/0.5/0.3 read a threshold as the importance a "
+                    f"block needs to stay at that level; this project reads it as the fraction of blocks kept better "
+                    f"than that level, so the same intent is L1_int8={eq[0]}, L2_int4={eq[1]}, L3_evict={eq[2]} "
+                    f"(each value 1 - x)"
+                )
+            raise ValueError(msg)
         return self
 
 

@@ -117,6 +117,9 @@ class RunStats:
     ``prompt_nll`` is the mean negative log-likelihood (nats/token) of the prompt tokens
     under the model, computed from the prefill logits. ``kv`` is the KV cache at the end.
     ``prompt_hash`` is :func:`prompt_fingerprint` of the prompt ids ("" when unknown).
+    ``resources`` is the process's resource-manager view at the end of the request, taken
+    while the request still holds its KV reservation (KV budget, memory pool, scheduler,
+    fallback state and recent events), None without a resource manager.
     """
 
     request_id: str = ""
@@ -140,6 +143,7 @@ class RunStats:
     provider: str = "CPUExecutionProvider"
     backend: str = "ort"
     notes: list[str] = field(default_factory=list)
+    resources: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -16,6 +16,13 @@ settings.load_profile("inferos-ci" if os.environ.get("CI") else "inferos")
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "lemonade_inferos" / "data" / "stories260K"
 
+# `inferos serve` (and its subprocesses) keeps client quotas in the agent's state directory:
+# never the user's real one during tests.
+if "INFEROS_STATE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["INFEROS_STATE_DIR"] = tempfile.mkdtemp(prefix="inferos-test-state-")
+
 
 @pytest.fixture(scope="session")
 def stories_paths() -> tuple[Path, Path]:

@@ -255,7 +255,7 @@ def test_metrics_document_has_the_seed_sections(agent: BackgroundAgent) -> None:
     assert set(m["throughput"]) >= {"tokens_per_second", "requests_per_second"}
     assert set(m["latency"]) >= {"mean_ms", "median_ms", "p95_ms", "p99_ms", "std_ms"}
     assert set(m["first_token_latency"]) >= {"mean_ms", "median_ms", "p95_ms"}
-    assert set(m["quality"]) == {"delta_ppl_est", "accept_rate"}
+    assert set(m["quality"]) == {"delta_ppl_est", "delta_ppl", "accept_rate"}
     assert set(m["memory"]) >= {"kv_cache_usage_mb", "total_allocated_mb", "peak_usage_mb"}
     assert set(m["kv_stats"]) >= {"level_distribution", "compression_ratio"}
     dev = m["device_utilization"]

@@ -102,7 +102,7 @@ def test_delta_ppl_is_token_weighted_ppl_difference_vs_baseline_on_the_same_prom
         report(5, start=NOW - 3, end=NOW - 2, nll=2.25, prompt=30, baseline=True, prompt_hash="b2"),
         report(6, start=NOW - 3, end=NOW - 2, nll=9.0, prompt=20, baseline=True, prompt_hash="d4"),  # left out
     ]
-    d = sections(rs)["quality"]["delta_ppl_est"]
+    d = sections(rs)["quality"]["delta_ppl"]
     cur = math.exp((2.0 * 10 + 2.5 * 30) / 40)
     base = math.exp((1.5 * 10 + 2.25 * 30) / 40)
     assert d["current"] == round(cur, 4)
@@ -115,17 +115,17 @@ def test_delta_ppl_never_compares_different_prompts() -> None:
     """A hard story run with the policy and an easy one in baseline mode is not a ΔPPL of +5000."""
     rs = [report(1, start=NOW - 5, end=NOW - 4, nll=9.0, prompt_hash="hard"),
           report(2, start=NOW - 3, end=NOW - 2, nll=1.0, baseline=True, prompt_hash="easy")]
-    d = sections(rs)["quality"]["delta_ppl_est"]
+    d = sections(rs)["quality"]["delta_ppl"]
     assert d["delta"] is None and d["measurement"]["paired_prompts"] == 0
     assert d["measurement"]["baseline_source"].startswith("none")
 
 
 def test_delta_ppl_null_without_baseline_and_uses_older_reference() -> None:
     only_policy = [report(1, start=NOW - 5, end=NOW - 4, nll=2.0)]
-    assert sections(only_policy)["quality"]["delta_ppl_est"]["delta"] is None
+    assert sections(only_policy)["quality"]["delta_ppl"]["delta"] is None
     # a baseline report that ended long before the window still serves as the reference
     old_base = report(0, start=NOW - 500, end=NOW - 499, nll=1.0, baseline=True)
-    d = sections([old_base, *only_policy])["quality"]["delta_ppl_est"]
+    d = sections([old_base, *only_policy])["quality"]["delta_ppl"]
     assert d["baseline"] == round(math.e, 4)
     assert d["delta"] == round(math.exp(2.0) - math.e, 4)
     assert d["measurement"]["baseline_source"] == "recent baseline-mode reports"

@@ -61,7 +61,7 @@ def test_exposition_parses_and_matches_json(agent: BackgroundAgent) -> None:
     assert value(fams, "inferos_kv_level_tokens", level="L1") == 16  # 4 non-baseline reports x 4 tokens
     assert value(fams, "inferos_reports") == 5
     assert fams["inferos_reports"].type == "counter"
-    assert value(fams, "inferos_delta_ppl_estimate") == pytest.approx(m["quality"]["delta_ppl_est"]["delta"])
+    assert value(fams, "inferos_delta_ppl_estimate") == pytest.approx(m["quality"]["delta_ppl"]["delta"])
     assert value(fams, "inferos_device_utilization_ratio", device="cpu") == pytest.approx(
         m["device_utilization"]["cpu_utilization"], abs=1.0)
     # NPU/DML have no numbers on this platform: omitted, not zero

@@ -293,4 +293,4 @@ def test_engine_end_to_end_reports_to_the_agent(agent: BackgroundAgent, plugins:
     assert [it["stats"]["request_id"] for it in items] == [r.stats.request_id for r in results]
     assert {it["stats"]["instance"] for it in items} == {"e2e"}
     if all(r.stats.prompt_nll is not None for r in results):
-        assert m["quality"]["delta_ppl_est"]["delta"] is not None  # baseline-mode report = reference
+        assert m["quality"]["delta_ppl"]["delta"] is not None  # baseline-mode report = reference

@@ -108,9 +108,9 @@ TILES = {
     "ttft-p95": ("first_token_latency.p95_ms", "f1"),
     "kv-value": ("memory.kv_cache_usage_mb", "mb"),
     "kv-compression": ("kv_stats.compression_ratio", "f2"),  # KV/fp16, the convention of every report
-    "dppl-value": ("quality.delta_ppl_est.delta", "signed3"),
-    "ppl-current": ("quality.delta_ppl_est.current", "f3"),
-    "ppl-baseline": ("quality.delta_ppl_est.baseline", "f3"),
+    "dppl-value": ("quality.delta_ppl.delta", "signed3"),
+    "ppl-current": ("quality.delta_ppl.current", "f3"),
+    "ppl-baseline": ("quality.delta_ppl.baseline", "f3"),
     "latency-p95": ("latency.p95_ms", "f1"),
     "rss-total": ("memory.total_allocated_mb", "mb"),
     "rss-peak": ("memory.peak_usage_mb", "mb"),
@@ -129,7 +129,7 @@ def test_tiles_show_the_agent_metrics(agent: BackgroundAgent, tmp_path: Path) ->
     el = render(agent.url + "/dashboard", tmp_path)
     assert el["conn"]["attrs"]["data-conn"] == "live"
     m = requests.get(agent.url + "/v1/metrics").json()
-    assert m["measurement_window"]["sample_count"] == 30 and m["quality"]["delta_ppl_est"]["delta"] is not None
+    assert m["measurement_window"]["sample_count"] == 30 and m["quality"]["delta_ppl"]["delta"] is not None
     checked = 0
     for el_id, (path, kind) in TILES.items():
         expected = lookup(m, path)
@@ -188,3 +188,33 @@ def test_page_is_self_contained(agent: BackgroundAgent) -> None:
     r = requests.get(agent.url + "/dashboard")
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert requests.get(agent.url + "/dashboard/static/../app.py").status_code == 404
+
+
+def test_resource_manager_and_fallback_panels(tmp_path: Path) -> None:
+    """Reports carrying a process's resource-manager view show up in the Resources and
+    Fallbacks panels with the numbers /v1/metrics gives."""
+    with BackgroundAgent(state_dir=tmp_path / "state", token=TOKEN, clock=lambda: NOW) as a:
+        res = {"kv_budget": {"total_bytes": 8_000_000, "reserved_bytes": 3_000_000, "used_bytes": 2_500_000,
+                             "refused_total": 2},
+               "memory_pool": {"total_bytes": 8_000_000, "used_bytes": 2_500_000, "free_bytes": 5_500_000,
+                               "block_count": 3, "fragmentation": 0.25},
+               "scheduler": {"requests_in_flight": 2, "requests_queued": 1},
+               "runtime": {"fallback": {"critical": False, "active": ["npu_unavailable"],
+                                        "counters": {"npu_unavailable": 1},
+                                        "events": [{"timestamp": NOW - 5, "kind": "fallback", "reason": "npu_unavailable",
+                                                    "detail": "NPU temperature 97.0 °C >= 90 °C"}]}}}
+        s = RunStats(request_id="r1", model="m", start_time=NOW - 3, end_time=NOW - 2, generated_tokens=10,
+                     ttft_ms=5.0, decode_tps=50.0, total_ms=1000.0, resources=res)
+        assert requests.post(a.url + "/v1/stats", json={**s.to_dict(), "instance": "srv"},
+                             headers={"X-Inferos-Token": TOKEN}).status_code == 201
+        el = render(a.url + "/dashboard", tmp_path)
+        m = requests.get(a.url + "/v1/metrics").json()
+    for el_id, path in (("budget-used", "resources.kv_budget.used_bytes"), ("budget-total", "resources.kv_budget.total_bytes"),
+                        ("sched-running", "resources.scheduler.requests_running"),
+                        ("sched-queued", "resources.scheduler.requests_queued")):
+        assert json.loads(el[el_id]["attrs"]["data-value"]) == lookup(m, path), el_id
+    assert el["budget-used"]["text"] == "2.5 MB" and el["budget-total"]["text"] == "8.0 MB"
+    assert el["fallback-state"]["attrs"]["data-active"] == "npu_unavailable"
+    assert el["fallback-state"]["text"] == "fallback: npu_unavailable"
+    assert el["pool"]["attrs"]["data-available"] == "true"
+    assert m["memory"]["memory_pool"]["block_count"] == 3

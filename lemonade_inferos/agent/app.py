@@ -9,7 +9,10 @@ Endpoints (under ``/v1``; mutating ones need header ``X-Inferos-Token``):
 ``GET  /policy``                 policy in force, baseline flag, effective policy, version
 ``POST /policy``           auth  merge a partial policy document; 400 leaves it unchanged
 ``GET  /policy/schema``          JSON Schema of the policy document
-``POST /baseline``         auth  ``{"enable": bool}``
+``POST /baseline``         auth  ``{"enable": bool}``, or no body = on
+``POST /events``           auth  one runtime event (fallback table) of a plugin instance
+``GET  /quotas``                 per-client quotas and usage
+``POST /quotas``           auth  set one client's quota
 ``GET  /config``                 the agent's own config
 ``POST /config``           auth  merge a partial config; 400 leaves it unchanged
 ``GET  /history?limit=N``        newest N reports (1..10000, default 100), oldest first
@@ -30,6 +33,7 @@ which blocks DNS-rebinding pages; bodies over 1 MiB get 413, bodies not sent as
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from importlib import resources
@@ -40,6 +44,7 @@ from fastapi import Body, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -50,8 +55,11 @@ from .auth import fingerprint, load_or_create_token, token_matches
 from .history import HistoryStore
 from .prometheus import CONTENT_TYPE as PROM_CONTENT_TYPE
 from .prometheus import PrometheusExporter
+from ..resources.quotas import QuotaStore
 from .schemas import (
     BaselineRequest,
+    EventIn,
+    QuotaIn,
     ConfigView,
     ErrorBody,
     Health,
@@ -138,21 +146,28 @@ def create_app(
         state_dir: where ``history.sqlite3`` lives; None = :func:`default_state_dir`.
         token: the token for mutating endpoints; None = :func:`load_or_create_token`.
         initial_policy: policy to put in force; None = the persisted one, else ``default``.
-        resource_provider: optional callable for NPU/DML utilisation and the memory pool
-            (contract in :mod:`lemonade_inferos.agent.state`).
+        resource_provider: callable for NPU/DML utilisation and the memory pool (contract in
+            :mod:`lemonade_inferos.agent.state`); None = this machine's telemetry
+            (:func:`lemonade_inferos.resources.resource_provider`).
         clock: UNIX-seconds clock, injectable for deterministic tests.
         allowed_hosts: accepted ``Host`` header names; None accepts any (remote mode).
     """
     if token is None:
         token, source = load_or_create_token()
         log.info("agent token from %s (%s)", source, fingerprint(token))
+    if resource_provider is None:
+        from ..resources import resource_provider as default_provider
+
+        resource_provider = default_provider()
     store = HistoryStore(state_dir or default_state_dir(), (config or AgentConfig()).history_max_rows)
     state = AgentState(store, config, initial_policy=initial_policy, clock=clock, resource_provider=resource_provider)
+    quotas = QuotaStore(store.path)
     exporter = PrometheusExporter(state.metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        quotas.close()
         store.close()
 
     app = FastAPI(
@@ -275,10 +290,48 @@ def create_app(
         tags=["policy"],
         dependencies=[Depends(require_token)],
         responses={**AUTH_ERRORS, 422: ERR},
+        openapi_extra={"requestBody": {"required": False, "content": {
+            "application/json": {"schema": BaselineRequest.model_json_schema()}}}},
     )
-    def post_baseline(body: BaselineRequest) -> dict[str, Any]:
-        """Baseline mode on/off: plugins then use the pass-through policy."""
+    async def post_baseline(request: Request) -> dict[str, Any]:
+        """Baseline mode on/off: plugins then use the pass-through policy. Body
+        ``{"enable": bool}`` as JSON; no body switches it on (the guide's ``POST /v1/baseline``)."""
+        raw = await request.body()
+        if not raw.strip():
+            return state.set_baseline(True)
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "the body could not be parsed", "send {\"enable\": true|false} as JSON, or no body "
+                            "to switch baseline mode on") from None
+        try:
+            body = BaselineRequest.model_validate(doc)
+        except ValidationError as e:
+            details = _validation_details(e.errors())
+            raise HTTPError(422, "invalid request: " + "; ".join(f"{d['field']}: {d['message']}" for d in details),
+                            details) from None
         return state.set_baseline(body.enable)
+
+    @app.post("/v1/events", tags=["stats"], status_code=201, response_model=dict[str, Any],
+              dependencies=[Depends(require_token)], responses={**AUTH_ERRORS, 422: ERR})
+    def post_event(event: EventIn) -> dict[str, Any]:
+        """One runtime event (fallback, notification, recovery, critical) from a plugin
+        instance; the newest appear in ``GET /v1/metrics`` under ``resources.events``."""
+        state.add_event(event.model_dump(exclude_none=True))
+        return {"accepted": True}
+
+    @app.get("/v1/quotas", tags=["quotas"], response_model=dict[str, Any])
+    def get_quotas() -> dict[str, Any]:
+        """Per-client quotas and usage (requests, refusals, KV bytes granted, peak), as
+        persisted in this agent's SQLite file by every ``inferos serve`` sharing it."""
+        return quotas.view()
+
+    @app.post("/v1/quotas", tags=["quotas"], response_model=dict[str, Any], dependencies=[Depends(require_token)],
+              responses={**AUTH_ERRORS, 422: ERR})
+    def post_quota(body: QuotaIn) -> dict[str, Any]:
+        """Set one client's quota (``max_kv_bytes``, ``max_concurrent``; null = no limit)."""
+        quotas.set(body.client, body.max_kv_bytes, body.max_concurrent)
+        return quotas.view()
 
     @app.get("/v1/config", response_model=ConfigView, tags=["config"])
     def get_config() -> dict[str, Any]:

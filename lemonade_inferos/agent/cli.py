@@ -255,7 +255,7 @@ def _f(v: Any, fmt: str, unit: str = "") -> str:
 def status_line(m: dict[str, Any]) -> str:
     """The monitor line: TPS, FTL (first-token latency), memory, utilisation, quality, policy."""
     tp, ftl, mem, dev = m["throughput"], m["first_token_latency"], m["memory"], m["device_utilization"]
-    q = m["quality"]["delta_ppl_est"]["delta"]
+    q = m["quality"]["delta_ppl"]["delta"]
     st, win = m["optimization_status"], m["measurement_window"]
     pct = lambda v: "n/a" if v is None else f"{v * 100:.0f}%"  # noqa: E731
     return (
@@ -265,7 +265,24 @@ def status_line(m: dict[str, Any]) -> str:
         f"CPU {pct(dev['cpu_utilization'])} NPU {pct(dev['npu_utilization'])} DML {pct(dev['dml_utilization'])} | "
         f"ΔPPL {_f(q, '+.3f')} | policy {st['current_policy']} v{st['policy_version']} | "
         f"{win['sample_count']} reports/{win['duration_seconds']:g}s"
+        + resources_part(m.get("resources") or {})
     )
+
+
+def resources_part(res: dict[str, Any]) -> str:
+    """`` | KV budget used/total, running/queued, fallback state`` (empty without data)."""
+    b, sch, fb = res.get("kv_budget") or {}, res.get("scheduler") or {}, res.get("fallback") or {}
+    out = ""
+    if b.get("total_bytes"):
+        out += (f" | KV budget {b.get('used_bytes', 0) / 1e6:.1f}/{b['total_bytes'] / 1e6:.1f} MB, "
+                f"{sch.get('requests_running', 0)} running {sch.get('requests_queued', 0)} queued, "
+                f"{b.get('refused_total') or 0} refused")
+    active = sorted({r for i in (fb.get("per_instance") or {}).values() for r in i.get("active", [])})
+    if fb.get("critical"):
+        out += f" | CRITICAL fallback: {', '.join(active)}"
+    elif active:
+        out += f" | fallback: {', '.join(active)}"
+    return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:

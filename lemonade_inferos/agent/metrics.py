@@ -16,7 +16,8 @@ in the future):
   closest ranks, numpy's default), std (population standard deviation).
 * ``first_token_latency`` = the reports' ``ttft_ms`` as measured by the engine (never
   estimated); reports without it are left out; null when none has it.
-* ``quality.delta_ppl_est`` compares like with like: only prompts (``prompt_hash``) that
+* ``quality.delta_ppl_est`` (a number, the guide's compact field; ``quality.delta_ppl`` holds
+  it with its parts and how it was measured) compares like with like: only prompts (``prompt_hash``) that
   both a non-baseline report in the window and a baseline-mode report (baseline =
   ``baseline: true`` or ``policy_name == "baseline"``; in the window, else the most recent
   ones seen, ``baseline_reference_size``) have. Over those prompts it is
@@ -79,6 +80,8 @@ class Report:
     policy_name: str = ""
     provider: str = ""
     dropped: int = 0
+    blocks: int = 0
+    resources: dict[str, Any] | None = None
     prompt_hash: str = ""
 
     @property
@@ -115,6 +118,8 @@ class Report:
             policy_name=str(payload.get("policy_name", "")),
             provider=str(payload.get("provider", "")),
             dropped=int(payload.get("dropped", 0)),
+            blocks=int(kv.get("blocks", 0) or 0),
+            resources=payload.get("resources") if isinstance(payload.get("resources"), dict) else None,
         )
 
 
@@ -272,7 +277,8 @@ def quality(reports: list[Report], baseline_reference: list[Report]) -> dict[str
     cur_ppl, base_ppl = _ppl(cur_nll), _ppl(base_nll)
     delta = cur_ppl - base_ppl if cur_ppl is not None and base_ppl is not None else None
     return {
-        "delta_ppl_est": {
+        "delta_ppl_est": _r(delta, 4),
+        "delta_ppl": {
             "current": _r(cur_ppl, 4),
             "baseline": _r(base_ppl, 4),
             "delta": _r(delta, 4),
@@ -345,6 +351,8 @@ def kv_stats(reports: list[Report]) -> dict[str, Any]:
     for r in rs:
         stores[r.kv_store] = stores.get(r.kv_store, 0) + 1
     return {
+        "total_chunks": sum(r.blocks for r in rs),
+        "hit_rate": None,
         "level_distribution": dist,
         "level_fraction": {k: _r(v / total, 4) for k, v in dist.items()} if total else {},
         "compression_ratio": _r(stored / fp16, 4) if fp16 else None,
@@ -355,6 +363,10 @@ def kv_stats(reports: list[Report]) -> dict[str, Any]:
             "level_distribution": "tokens per level summed over layers and over the window's non-baseline reports "
             "(L0 float16, L1 INT8, L2 INT4, L3 evicted)",
             "compression_ratio": "stored KV bytes / the same cache in float16 (lower = smaller)",
+            "total_chunks": "KV blocks formed (quantization units of block_len tokens) summed over the window's "
+            "non-baseline reports",
+            "hit_rate": "share of prompt tokens served from a reused KV prefix; null: no report carries prefix-cache "
+            "hits in this build",
         },
     }
 

@@ -56,7 +56,7 @@ class MetricsCollector(Collector):
                     fam.add_metric([label], v)
             yield fam
 
-        dppl = m["quality"]["delta_ppl_est"]
+        dppl = m["quality"]["delta_ppl"]
         yield from _gauge("inferos_delta_ppl_estimate", "Perplexity difference vs baseline-mode reports (estimate)", dppl["delta"])
         yield from _gauge("inferos_ppl_estimate", "Perplexity from prompt NLL, non-baseline reports", dppl["current"])
 
@@ -86,6 +86,8 @@ class MetricsCollector(Collector):
                 util.add_metric([device], v)
         yield util
 
+        yield from resource_families(m.get("resources") or {})
+
         st = m["optimization_status"]
         yield from _gauge("inferos_policy_version", "Version of the effective policy", st["policy_version"])
         yield from _gauge("inferos_baseline_mode", "1 when baseline mode is on", st["baseline_mode"])
@@ -95,6 +97,47 @@ class MetricsCollector(Collector):
         yield CounterMetricFamily("inferos_reports", "Reports accepted since the history began", value=c["reports_total"])
         yield CounterMetricFamily("inferos_dropped_reports", "Reports dropped by client queues (overflow), as reported",
                                   value=c["dropped_reports_total"])
+
+
+def resource_families(res: dict[str, Any]) -> Iterator[Metric]:
+    """KV budget, memory pool, scheduler, fallback counters and device telemetry."""
+    b = res.get("kv_budget") or {}
+    for key, doc in (("total_bytes", "Process KV budget (summed over instances)"),
+                     ("reserved_bytes", "KV bytes reserved by admitted requests"),
+                     ("used_bytes", "KV bytes resident in admitted requests' caches")):
+        yield from _gauge(f"inferos_kv_budget_{key[:-6]}", doc, b.get(key), unit="bytes")
+    yield from _gauge("inferos_kv_budget_refused", "Requests refused by KV admission (newest reports)", b.get("refused_total"))
+    pool = res.get("memory_pool") or {}
+    for key in ("total_bytes", "used_bytes", "free_bytes"):
+        yield from _gauge(f"inferos_memory_pool_{key[:-6]}", f"Memory pool {key[:-6]}", pool.get(key), unit="bytes")
+    yield from _gauge("inferos_memory_pool_blocks", "Allocated blocks in the memory pool", pool.get("block_count"))
+    yield from _gauge("inferos_memory_pool_fragmentation_ratio", "1 - largest free extent / free bytes",
+                      pool.get("fragmentation"))
+    sch = res.get("scheduler") or {}
+    yield from _gauge("inferos_scheduler_processes", "Inference processes reporting", sch.get("processes"))
+    yield from _gauge("inferos_scheduler_requests_running", "Requests holding KV budget", sch.get("requests_running"))
+    yield from _gauge("inferos_scheduler_requests_queued", "Requests waiting for KV budget", sch.get("requests_queued"))
+    yield from _gauge("inferos_scheduler_latency_seconds", "Mean request latency", _ms(sch.get("avg_latency_ms")))
+    fb = res.get("fallback") or {}
+    counts: dict[str, int] = {}
+    for inst in (fb.get("per_instance") or {}).values():
+        for reason, n in (inst.get("counters") or {}).items():
+            counts[reason] = counts.get(reason, 0) + int(n)
+    fam = CounterMetricFamily("inferos_fallbacks", "Fallbacks triggered per reason (guide §4.1 rows)", labels=["reason"])
+    for reason, n in sorted(counts.items()):
+        fam.add_metric([reason], n)
+    yield fam
+    yield from _gauge("inferos_runtime_critical", "1 when an instance's runtime is in the critical state",
+                      bool(fb.get("critical")))
+    temp = GaugeMetricFamily("inferos_device_temperature_celsius", "Hottest sensor per device", labels=["device", "kind"])
+    busy = GaugeMetricFamily("inferos_device_busy_ratio", "Device utilisation 0..1 per device", labels=["device", "kind"])
+    for d in res.get("devices") or []:
+        if isinstance(d.get("temperature_c"), (int, float)):
+            temp.add_metric([d["device"], d["kind"]], d["temperature_c"])
+        if isinstance(d.get("utilization_percent"), (int, float)):
+            busy.add_metric([d["device"], d["kind"]], d["utilization_percent"] / 100.0)
+    yield temp
+    yield busy
 
 
 class PrometheusExporter:

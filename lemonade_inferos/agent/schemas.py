@@ -81,6 +81,9 @@ class StatsReport(_In):
     provider: str = Field("", max_length=128)
     backend: str = Field("", max_length=64)
     notes: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=64)
+    resources: dict[str, Any] | None = Field(
+        None, description="the sending process's resource-manager view (KV budget, memory pool, scheduler, "
+        "fallback state, recent events); see lemonade_inferos.resources.manager.ResourceManager.report")
 
     @field_validator("policy_name")
     @classmethod
@@ -159,7 +162,56 @@ class HistoryItem(BaseModel):
     stats: dict[str, Any]
 
 
+class HistoryPoint(BaseModel):
+    """The guide's compact history entry (``history[]``)."""
+
+    timestamp: str = Field(..., description="request end, ISO 8601 UTC")
+    tps: float = Field(..., description="decode tokens/s of that request")
+    ftl_ms: float | None = Field(None, description="measured time to first token, ms")
+    kv_bytes: int = 0
+    policy: str = ""
+
+
 class HistoryView(BaseModel):
     count: int
     total_stored: int
     items: list[HistoryItem]
+    history: list[HistoryPoint] = Field(default_factory=list, description="the same reports in the guide's "
+                                        "compact form (timestamp, tps), oldest first")
+
+
+class EventIn(_In):
+    """``POST /v1/events`` body: one runtime event of a plugin instance (a fallback of the
+    guide's §4.1 table, a notification, a recovery, the critical state)."""
+
+    instance: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+\-]+$")
+    timestamp: float = Field(..., ge=0, le=MAX_UNIX_TIME, description="UNIX seconds")
+    kind: str = Field(..., min_length=1, max_length=64, description="fallback | notification | recovered | critical | ...")
+    reason: str = Field(..., max_length=64, description="the table row, e.g. npu_unavailable")
+    detail: str = Field("", max_length=1000)
+    severity: str | None = Field(None, max_length=32)
+    level: int | None = Field(None, ge=0, le=1000)
+    action: str | None = Field(None, max_length=1000)
+
+
+class QuotaIn(BaseModel):
+    """``POST /v1/quotas`` body: one client's limits (null = no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    client: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:@-]+$",
+                        description="the X-Inferos-Client value, key:<sha256 prefix> for an API key, or default")
+    max_kv_bytes: int | None = Field(None, ge=0, le=MAX_BYTES, description="KV bytes the client may hold at once")
+    max_concurrent: int | None = Field(None, ge=1, le=100000, description="requests the client may run at once")
+
+    @field_validator("client", "max_kv_bytes", "max_concurrent", mode="before")
+    @classmethod
+    def _json_types(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "client":
+            if not isinstance(v, str):
+                raise ValueError("must be a string")
+            return v
+        if v is None or (isinstance(v, int) and not isinstance(v, bool)):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        raise ValueError("must be an integer or null")

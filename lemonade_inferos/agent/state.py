@@ -22,6 +22,7 @@ on this platform" and the memory pool is null.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -34,6 +35,7 @@ import psutil
 from ..policy import Policy, baseline_policy, load_policy, validate_policy
 from .history import HistoryStore
 from .metrics import MetricsWindow, Report, finite, window_sections
+from .resources_view import compact_fields, resources_section
 from .settings import AgentConfig
 
 log = logging.getLogger("lemonade_inferos.agent")
@@ -123,6 +125,7 @@ class AgentState:
 
         self.window = MetricsWindow(config.window_seconds, config.baseline_reference_size)
         self._reload_window()
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
 
     # -- persistence -------------------------------------------------------------------
     def _persist(self) -> None:
@@ -220,9 +223,18 @@ class AgentState:
             self.window.prune(received)
         return row_id, False
 
+    def add_event(self, event: dict[str, Any]) -> None:
+        """Keep one posted runtime event (in memory, newest 200)."""
+        with self._lock:
+            self.events.append(event)
+
     def history(self, limit: int) -> dict[str, Any]:
         items = self.store.recent(limit)
-        return {"count": len(items), "total_stored": self.store.count(), "items": items}
+        points = [{"timestamp": iso_utc(float(it["stats"].get("end_time") or it["received_at"])),
+                   "tps": float(it["stats"].get("decode_tps") or 0.0), "ftl_ms": it["stats"].get("ttft_ms"),
+                   "kv_bytes": int((it["stats"].get("kv") or {}).get("total_bytes") or 0),
+                   "policy": str(it["stats"].get("policy_name", ""))} for it in items]
+        return {"count": len(items), "total_stored": self.store.count(), "items": items, "history": points}
 
     # -- metrics ---------------------------------------------------------------------------
     def _resources(self) -> dict[str, Any]:
@@ -235,8 +247,8 @@ class AgentState:
             log.warning("resource provider failed: %s", e)
             return {}
 
-    def device_utilization(self) -> dict[str, Any]:
-        res = self._resources()
+    def device_utilization(self, res: dict[str, Any] | None = None) -> dict[str, Any]:
+        res = self._resources() if res is None else res
         dev = res.get("device_utilization") or {}
         out: dict[str, Any] = {
             "cpu_utilization": round(self.cpu.sample(), 4),
@@ -265,7 +277,8 @@ class AgentState:
             sections = window_sections(reports, now, self.window.window_seconds, self.window.baseline_reference())
             effective = self.effective_policy()
             version, baseline, name = self.version, self.baseline, self.policy.name
-        device = self.device_utilization()
+        provided = self._resources()
+        device = self.device_utilization(provided)
         pool = device.pop("_memory_pool")
         sections["memory"]["memory_pool"] = pool if isinstance(pool, dict) else None
         if not isinstance(pool, dict):
@@ -301,4 +314,11 @@ class AgentState:
                 "uptime_seconds": round(now - self.started_at, 3),
             },
         }
+        with self._lock:
+            posted = list(self.events)
+        doc["resources"] = resources_section(reports, provided, sections["latency"]["mean_ms"], posted=posted)
+        if doc["memory"]["memory_pool"] is None and doc["resources"]["memory_pool"] is not None:
+            doc["memory"]["memory_pool"] = doc["resources"]["memory_pool"]
+            doc["memory"]["definitions"].pop("memory_pool", None)
+        doc.update(compact_fields(doc))
         return finite(doc)

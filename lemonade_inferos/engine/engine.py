@@ -36,6 +36,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..kv.base import KVCache
+from ..resources.lru import LRUCache
+from ..runtime.providers import ProviderFailover
 from ..model.spec import DecoderSpec, ModelFolderError
 from ..plugins import InferosManager, NoopManager, get_plugin_manager
 from ..ort_options import prime_run_options
@@ -48,6 +50,7 @@ from .text import IncrementalDetokenizer, StopStream, TextCodec
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..guard import QualityGuard
+    from ..resources.manager import ResourceManager
 
 log = logging.getLogger("lemonade_inferos.engine")
 
@@ -127,6 +130,10 @@ class Engine:
         backend: ``"ort"`` (inferos' own loop with KV access), ``"oga"``
             (onnxruntime-genai ``og.Generator``; no KV access) or ``"auto"`` (ort when the
             folder's decoder has explicit past/present I/O, else oga).
+        resources: a :class:`~lemonade_inferos.resources.manager.ResourceManager`; when set,
+            each request reserves its KV bytes before prefill (may be tightened, queued, or
+            refused with :class:`~lemonade_inferos.resources.budget.BudgetExceeded`).
+        max_sessions: ORT sessions kept (least recently used beyond that are dropped).
 
     Raises:
         ModelFolderError: the folder is missing or unusable.
@@ -139,6 +146,8 @@ class Engine:
         pm: InferosManager | None = None,
         policy: Policy | None = None,
         backend: str = "auto",
+        resources: "ResourceManager | None" = None,
+        max_sessions: int = 8,
     ):
         if model_dir is None:
             from ..model.embedded import embedded_model_dir
@@ -151,7 +160,11 @@ class Engine:
         if backend not in ("auto", "ort", "oga"):
             raise ValueError(f"backend={backend!r} is not allowed; must be 'auto', 'ort' or 'oga'")
         self.backend = self._detect_backend() if backend == "auto" else backend
-        self._sessions: dict[tuple, ort.InferenceSession] = {}
+        self._sessions: LRUCache[ort.InferenceSession] = LRUCache(max_sessions)
+        self.resources = resources
+        self.failover = ProviderFailover()
+        if resources is not None:
+            resources.register_cache(self._sessions)
         self._oga_models: dict[str, object] = {}
         self._lock = threading.Lock()
         self._calib: list[int] | None = None
@@ -180,7 +193,8 @@ class Engine:
         policies differ only in per-request fields share one session.
         """
         pm = pm or self.pm
-        key = (graph_file, policy.session_key(), pm.enabled)
+        excluded = self.failover.excluded()
+        key = (graph_file, policy.session_key(), pm.enabled, excluded)
         sess = self._sessions.get(key)
         if sess is not None:
             return sess
@@ -191,11 +205,8 @@ class Engine:
                 if not path.is_file():
                     raise ModelFolderError(f"{str(self.spec.folder)!r} has no {graph_file}")
                 so = pm.session_options(policy, self.spec)
-                providers = pm.execution_providers(policy, ort.get_available_providers())
-                sess = ort.InferenceSession(
-                    str(path), sess_options=so, providers=[p for p, _ in providers],
-                    provider_options=[o for _, o in providers],
-                )
+                providers = pm.execution_providers(policy, self.failover.available(ort.get_available_providers()))
+                sess = self.failover.create(str(path), so, [(p, o) for p, o in providers if p not in excluded])
                 self._sessions[key] = sess
         return sess
 
@@ -264,6 +275,26 @@ class Engine:
             cache.update(dict(zip(outs, vals[1:])), n)
         return logits
 
+    def _after_run_failure(self, sess, error, cache, ro, policy, pm, stats):
+        """A run on ``sess`` raised ``error``: the session without the failed provider (next
+        in the chain), or ``error`` re-raised when it was CPU or a deadline stop."""
+        if getattr(ro, "terminate", False) or not self.failover.run_failed(sess, error):
+            raise error
+        failed = sess.get_providers()[0]
+        sess = self.session(cache.graph_file, policy, pm)
+        stats.provider = sess.get_providers()[0]
+        stats.notes.append(f"provider {failed} failed during the run; continued on {stats.provider}")
+        return sess
+
+    def _run_failover(self, sess, cache, ids, start_pos, ro, iob, policy, pm, stats):
+        """:meth:`_run`; when the session's provider fails during the run, the same step runs
+        again on a session without it (next provider in the chain). Returns (session, logits)."""
+        try:
+            return sess, self._run(sess, cache, ids, start_pos, ro, iob)
+        except Exception as e:
+            sess = self._after_run_failure(sess, e, cache, ro, policy, pm, stats)
+            return sess, self._run(sess, cache, ids, start_pos, ro, iob)
+
     # -- public API ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.codec.encode(text)
@@ -327,7 +358,14 @@ class Engine:
             stats.policy_name = eff.name
             if self.backend == "oga":
                 return self._generate_oga(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
-            return self._generate_ort(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
+            if self.resources is None or baseline:
+                return self._generate_ort(ids, cfg, eff, context, stats, on_token, cancel, pm, t0)
+            admission = self.resources.admit(context, eff, self.spec)  # KV bytes reserved before prefill
+            context.extra.setdefault("notes", []).append(admission.note)
+            try:
+                return self._generate_ort(ids, cfg, admission.policy, context, stats, on_token, cancel, pm, t0)
+            finally:
+                admission.release()
         except BaseException as e:
             pm.on_request_error(context, e)
             raise
@@ -344,10 +382,14 @@ class Engine:
                 stats.decode_tps = (n_gen - 1) / (t_end - t_first)
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.notes.extend(context.extra.get("notes", []))
+        if self.resources is not None:
+            stats.resources = self.resources.report()
         pm.after_request(context, stats)
 
     def _generate_ort(self, ids, cfg, policy, context, stats, on_token, cancel, pm, t0) -> GenerationResult:
         cache = pm.kv_cache(policy, self.spec, context)
+        if self.resources is not None:
+            self.resources.track(context.request_id, cache)
         sess = self.session(cache.graph_file, policy, pm)
         ro = prime_run_options(pm.run_options(policy, context))
         iob = policy.io.enable_iobinding
@@ -365,7 +407,14 @@ class Engine:
         nll = PromptNLL(ids)
         try:
             t_pre = time.perf_counter()
-            last = self._prefill(sess, cache, ids, 0, ro, iob, policy.runtime.prefill_chunk_tokens, nll)
+            start = 0
+            while True:  # a provider failing mid-prefill: the rest runs on the next provider
+                try:
+                    last = self._prefill(sess, cache, ids, start, ro, iob, policy.runtime.prefill_chunk_tokens, nll)
+                    break
+                except Exception as e:
+                    sess = self._after_run_failure(sess, e, cache, ro, policy, pm, stats)
+                    start = cache.seq_length
             stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
             pos = len(ids)
             step_ids = np.zeros((1, 1), dtype=np.int64)
@@ -395,7 +444,8 @@ class Engine:
                     finish = "length"
                     break
                 step_ids[0, 0] = tok
-                last = self._run(sess, cache, step_ids, pos, ro, iob)[-1]
+                sess, out = self._run_failover(sess, cache, step_ids, pos, ro, iob, policy, pm, stats)
+                last = out[-1]
                 pos += 1
         except Exception:
             if deadline is None or not deadline.is_set():

@@ -170,6 +170,16 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="model name in responses and /v1/models (default: the model's name)")
     s.add_argument("--baseline", action="store_true",
                    help="no plugins (same as INFEROS_DISABLE=1): ORT defaults, full-precision KV cache")
+    s.add_argument("--kv-budget", default=None, metavar="SIZE",
+                   help="process KV-cache budget shared by all requests, e.g. 512MiB (default: "
+                   "min(io.host_pool_bytes, half the available memory, cgroup-aware)); requests over it are "
+                   "tightened, queued, then answered 503 + Retry-After")
+    s.add_argument("--admission-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a request waits for KV budget before 503 (default 30)")
+    s.add_argument("--no-resource-manager", action="store_true",
+                   help="no KV budget, admission or client quotas (every request runs as it comes)")
+    s.add_argument("--no-runtime", action="store_true",
+                   help="no adaptive runtime (fallback table, control loops from policy.loops)")
     s.add_argument("--verbose", dest="serve_verbose", action="store_true",
                    help="log each request (tokens, TTFT, tokens/s) and uvicorn's access log")
 

@@ -409,6 +409,23 @@ class Job:
             raise
 
 
+def request_client(request: Any) -> str:
+    """The quota client of a request: ``X-Inferos-Client``, else the bearer API key
+    (hashed), else ``default`` (:func:`lemonade_inferos.resources.quotas.client_id`).
+
+    Raises:
+        APIError: 400 when the header is malformed.
+    """
+    from ..resources.quotas import client_id
+
+    auth = request.headers.get("authorization", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+    try:
+        return client_id(request.headers.get("x-inferos-client"), key)
+    except ValueError as e:
+        raise APIError(400, str(e), param="X-Inferos-Client") from None
+
+
 def usage_of(result: Any) -> dict[str, int]:
     p, n = len(result.prompt_ids), len(result.token_ids)
     return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
@@ -714,7 +731,7 @@ class App:
         cfg.max_new_tokens = max(1, limit)
         context = InferenceContext(
             model=opts.model_id, prompt_tokens=len(ids), max_new_tokens=cfg.max_new_tokens, host="serve",
-            extra={"endpoint": endpoint, "stream": stream},
+            extra={"endpoint": endpoint, "stream": stream, "client": request_client(request)},
         )
         sem = st.semaphore()
         st.waiting += 1
@@ -736,14 +753,18 @@ class App:
         if not stream:
             await job.wait(request)
             return JSONResponse(self._finish(endpoint, job, shape, stream=False))
+        first = await job.queue.get()  # admission (KV budget) is decided before the first token
+        if first[0] == "done" and job.error is not None:
+            self._finish(endpoint, job, shape, stream=True, render=False)  # raises the HTTP error
 
         async def events() -> AsyncIterator[str]:
             finished = False
             try:
                 for ev in shape.start():
                     yield shape.sse(ev)
+                pending = [first]
                 while True:
-                    kind, val = await job.queue.get()
+                    kind, val = pending.pop() if pending else await job.queue.get()
                     if kind == "done":
                         finished = True
                         break
@@ -769,10 +790,14 @@ class App:
         """Record the finished job; return the response body (or the result when not
         ``render``). Raises :class:`APIError` if the run failed."""
         from ..engine import ContextLengthError
+        from ..resources.budget import BudgetExceeded
 
         st = self.state
         if job.error is not None:
             e = job.error
+            if isinstance(e, BudgetExceeded):
+                raise APIError(e.status, str(e), type="server_error" if e.status == 503 else "rate_limit_error",
+                               code=e.code, headers={"Retry-After": str(math.ceil(e.retry_after_s))})
             if isinstance(e, ContextLengthError):
                 raise APIError(400, str(e), param="messages" if "chat" in endpoint else "prompt", code="context_length_exceeded")
             # anything else is the server's fault (a plugin, the policy, the model), not the client's
@@ -1082,6 +1107,10 @@ def serve(args: argparse.Namespace) -> int:
 
             model = embedded_model_dir(progress=lambda m: print(m, file=sys.stderr))
         engine = build_engine(model, args.policy)
+        if not getattr(args, "no_resource_manager", True):
+            from ..resources.manager import attach_from_args
+
+            attach_from_args(engine, args)
         # load and run the model now: /health answers only once requests can succeed
         engine.preload()
         app = create_app(engine, ctx_size=args.ctx_size, max_concurrency=args.max_concurrency,

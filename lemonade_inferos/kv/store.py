@@ -71,6 +71,15 @@ from .quantize import dequantize, quantize, quantize_groups, stored_nbytes
 from .tiers import MODES, assign_levels
 
 IMPORTANCE = ("h2o_mean", "h2o", "recency_norm", "none")
+_buffer_zeros = np.zeros
+
+
+def set_buffer_allocator(zeros=None) -> None:
+    """Allocate the stores' L0 float16 buffers (the largest KV arrays) with ``zeros(shape,
+    dtype)`` -- e.g. :meth:`lemonade_inferos.resources.pool.HostPool.zeros` (page-locked
+    pool); None restores ``numpy.zeros``. Process-wide; stores created afterwards use it."""
+    global _buffer_zeros
+    _buffer_zeros = np.zeros if zeros is None else zeros
 TIER_NAMES = {0: "L0_fp16", 1: "L1_int8", 2: "L2_int4"}
 
 
@@ -215,6 +224,20 @@ SCHEMES: dict[str, StoreConfig] = {
 }
 
 
+def block_level_bytes(c: StoreConfig, spec: DecoderSpec) -> list[int]:
+    """Resident bytes of one block of ``c.block_len`` tokens (all layers, K and V) at each
+    level ``[L0 float16, L1 INT8, L2 INT4, L3 evicted]``, quantization metadata included."""
+    L, E, bl = spec.num_layers, spec.num_kv_heads * spec.head_dim, c.block_len
+    out = [bl * 2 * L * E * 2]
+    for level in (1, 2):
+        bits = LEVEL_BITS[level]
+        kg = (bl // c.key_group) * E if c.key_axis == "channel" else bl * (E // c.key_group)
+        vg = bl * (E // c.value_group)
+        out.append(L * (stored_nbytes(bl * E, kg, bits) + stored_nbytes(bl * E, vg, bits)))
+    out.append(0)
+    return out
+
+
 def store_for_scheme(name: str, spec: DecoderSpec, policy=None) -> "TieredKVCache":
     """A store for a named scheme: ``fp16``, ``q8_0``, ``q4_0``, ``hf_quantized``, ``kivi4`` or
     ``tiered`` (the policy's tiered store; ``policy`` defaults to the ``default`` preset).
@@ -340,7 +363,7 @@ class TieredKVCache(KVCache):
         :meth:`attention_mask`)."""
         old = getattr(self, "_l0", None)
         n = self._n0
-        buf = np.zeros((2 * self.L, self.E, cap), np.float16)
+        buf = _buffer_zeros((2 * self.L, self.E, cap), np.float16)
         acc = np.zeros(cap, np.float32)
         tok = np.zeros(cap, np.int64)
         if old is not None and n:
@@ -359,15 +382,7 @@ class TieredKVCache(KVCache):
         return max(n0, c.sink_tokens + c.recent_window) + c.block_len
 
     def _block_level_bytes(self) -> list[int]:
-        c, L, E, bl = self.config, self.L, self.E, self.config.block_len
-        out = [bl * self.row_bytes]
-        for level in (1, 2):
-            bits = LEVEL_BITS[level]
-            kg = (bl // c.key_group) * E if c.key_axis == "channel" else bl * (E // c.key_group)
-            vg = bl * (E // c.value_group)
-            out.append(L * (stored_nbytes(bl * E, kg, bits) + stored_nbytes(bl * E, vg, bits)))
-        out.append(0)
-        return out
+        return block_level_bytes(self.config, self.spec)
 
     # ------------------------------------------------------------------ KVCache API
     @property

@@ -5,6 +5,7 @@
  * raw JSON value rendered) and data-format (how the text is formatted):
  *   f1/f2/f3  fixed decimals     int  integer     mb  MB, 3 decimals below 10 else 1
  *   signed3   +0.123 / -0.123    pct  fraction 0..1 as "23%"      str  as is
+ *   bytes     "12.3 MB" (10^6) / "1.2 GB" (10^9) / "512 B"
  * Nulls render as "—" (or "n/a" for devices). <body data-state="ready"> after a render.
  */
 (function () {
@@ -39,6 +40,8 @@
       case "signed3": return (n >= 0 ? "+" : "") + n.toFixed(3);
       case "pct": return Math.round(n * 100) + "%";
       case "v": return "v" + Math.round(n);
+      case "bytes": return n >= 1e9 ? (n / 1e9).toFixed(1) + " GB" : n >= 1e6 ? (n / 1e6).toFixed(1) + " MB" :
+        n >= 1e3 ? (n / 1e3).toFixed(1) + " kB" : Math.round(n) + " B";
       default: return String(v);
     }
   }
@@ -210,6 +213,25 @@
     box.appendChild(dl);
   }
 
+  function renderFallback(res) {
+    var fb = (res && res.fallback) || {}, per = fb.per_instance || {};
+    var active = [];
+    Object.keys(per).forEach(function (i) { (per[i].active || []).forEach(function (r) { if (active.indexOf(r) < 0) active.push(r); }); });
+    var pill = $("fallback-state");
+    pill.setAttribute("data-critical", fb.critical ? "true" : "false");
+    pill.setAttribute("data-active", active.join(","));
+    pill.className = "pill " + (fb.critical ? "pill-bad" : active.length ? "pill-warn" : "pill-ok");
+    pill.textContent = fb.critical ? "critical: " + active.join(", ") : active.length ? "fallback: " + active.join(", ") : "normal";
+    var ul = $("fallback-events");
+    clear(ul);
+    ((res && res.events) || []).slice(-8).reverse().forEach(function (e) {
+      var li = document.createElement("li");
+      li.setAttribute("data-kind", e.kind);
+      li.textContent = hhmmss(e.timestamp) + " " + e.kind + " " + e.reason + (e.detail ? ": " + e.detail : "");
+      ul.appendChild(li);
+    });
+  }
+
   function renderStatus(m) {
     var st = m.optimization_status || {};
     var dl = $("opt-status");
@@ -253,6 +275,7 @@
       renderDevices(m.device_utilization);
       renderPool(m.memory);
       renderStatus(m);
+      renderFallback(m.resources);
       var upd = $("updated");
       upd.textContent = hhmmss(m.unix_time);
       upd.setAttribute("data-value", String(m.unix_time));
