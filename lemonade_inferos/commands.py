@@ -100,6 +100,7 @@ def _stats_line(st: Any) -> str:
     return (
         f"TTFT {ttft} | decode {st.decode_tps:.0f} tokens/s | {st.generated_tokens} tokens | "
         f"KV {kv.total_bytes:,} bytes [{kv.store}]{ratio}"
+        + (f" | {st.cache_n} prompt tokens from the prefix cache" if st.cache_n else "")
     )
 
 
@@ -153,6 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             eng = _engine(args)
         except (PolicyError, ModelFolderError, ValueError) as e:
             return _fail(str(e))
+    eng.prefix_cache.set_max_bytes(0)  # like for like: both modes prefill every prompt in full
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     eng.generate(prompts[0], GenerationConfig(max_new_tokens=8), baseline=True)  # warm-up: sessions loaded
     eng.generate(prompts[0], GenerationConfig(max_new_tokens=8))

@@ -48,6 +48,28 @@ class KVStatsIn(_In):
     saved_mb_vs_fp16: float | None = Field(None, ge=-1e12, le=1e12)
 
 
+class PrefixCacheIn(_In):
+    """``RunStats.prefix_cache`` (:class:`lemonade_inferos.types.PrefixCacheStats.to_dict()`):
+    the sending engine's prefix cache after the request; counters are cumulative."""
+
+    enabled: bool = False
+    lookups: Count = 0
+    hits: Count = 0
+    hit_tokens: Count = 0
+    lookup_tokens: Count = 0
+    entries: Count = 0
+    blocks: Count = 0
+    bytes_held: Bytes = Field(0, description="distinct bytes of the cached KV states (shared blocks once)")
+    logical_bytes: Bytes = 0
+    bytes_saved: Bytes = 0
+    max_bytes: Bytes = 0
+    evictions: Count = 0
+    evicted_bytes: Bytes = 0
+    retokenize_mismatches: Count = 0
+    quality_rejects: Count = 0
+    hit_rate: float | None = Field(None, ge=0, le=1)
+
+
 class StatsReport(_In):
     """``POST /v1/stats`` body: one PostRun report."""
 
@@ -71,6 +93,8 @@ class StatsReport(_In):
     prompt_nll: float | None = Field(None, ge=0, le=100, description="mean prompt NLL, nats/token")
     finish_reason: str = Field("", max_length=64)
     kv: KVStatsIn = Field(default_factory=KVStatsIn)
+    cache_n: Count = Field(0, description="prompt tokens reused from the prefix cache (not prefilled)")
+    prefix_cache: PrefixCacheIn = Field(default_factory=PrefixCacheIn)
     baseline: bool = False
     policy_name: str = Field("", max_length=256)
     provider: str = Field("", max_length=128)

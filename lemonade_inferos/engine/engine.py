@@ -36,6 +36,7 @@ from ..ort_options import prime_run_options
 from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
 from ..types import InferenceContext, KVStats, RunStats
+from .prefix_cache import PrefixCache, prefix_cache_bytes_from_env
 from .sampling import GenerationConfig, log_softmax, select_token
 from .text import IncrementalDetokenizer, StopStream, TextCodec
 
@@ -114,6 +115,9 @@ class Engine:
         backend: ``"ort"`` (inferos' own loop with KV access), ``"oga"``
             (onnxruntime-genai ``og.Generator``; no KV access) or ``"auto"`` (ort when the
             folder's decoder has explicit past/present I/O, else oga).
+        prefix_cache_bytes: byte limit of the prefix cache (:attr:`prefix_cache`, KV states
+            of earlier requests reused by later ones with the same prefix); 0 = off; None =
+            ``INFEROS_PREFIX_CACHE_BYTES`` or 512 MiB.
 
     Raises:
         ModelFolderError: the folder is missing or unusable.
@@ -126,6 +130,7 @@ class Engine:
         pm: InferosManager | None = None,
         policy: Policy | None = None,
         backend: str = "auto",
+        prefix_cache_bytes: int | None = None,
     ):
         if model_dir is None:
             from ..model.embedded import embedded_model_dir
@@ -145,6 +150,7 @@ class Engine:
         self._guard: "QualityGuard | None" = None
         self._mask = np.ones((1, self.spec.context_length + 1), dtype=np.int64)
         self._bindings: "weakref.WeakKeyDictionary[KVCache, tuple]" = weakref.WeakKeyDictionary()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes_from_env() if prefix_cache_bytes is None else prefix_cache_bytes)
 
     # -- sessions -----------------------------------------------------------------------
     def _detect_backend(self) -> str:
@@ -348,13 +354,17 @@ class Engine:
         t_first = None
 
         deadline = self._arm_deadline(ro, context, t0)
+        budget = policy.quality.max_delta_ppl if context.quality_budget is None else context.quality_budget
+        reuse = self.prefix_cache.begin(ids, cache, budget_ppl=budget, enabled=context.cache_prompt and not stats.baseline)
+        start = stats.cache_n = reuse.start
         try:
             t_pre = time.perf_counter()
-            logits = self._run(sess, cache, np.array([ids], dtype=np.int64), 0, ro, iob)
+            logits = self._run(sess, cache, np.array([ids[start:]], dtype=np.int64), start, ro, iob)
             stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
-            if len(ids) > 1:
+            if len(ids) - start > 1:
                 lp = log_softmax(logits[:-1])
-                stats.prompt_nll = float(-lp[np.arange(len(ids) - 1), ids[1:]].mean())
+                stats.prompt_nll = float(-lp[np.arange(len(ids) - start - 1), ids[start + 1:]].mean())
+            self.prefix_cache.after_prefill(reuse, cache, ids, logits)
             last = logits[-1]
             pos = len(ids)
             step_ids = np.zeros((1, 1), dtype=np.int64)
@@ -396,6 +406,13 @@ class Engine:
         self._flush(stream, on_token, finish)
         stats.kv = cache.stats()
         stats.finish_reason = finish
+        if finish != "deadline":  # a terminated run may have left the cache short of its tokens
+            fed = ids + out_ids[: cache.seq_length - len(ids)]
+            self.prefix_cache.store(reuse, cache, fed, len(ids), new_cache=lambda: pm.kv_cache(policy, self.spec, context),
+                                    run=lambda c, x, p: self._run(sess, c, x, p, ro, False))
+        stats.prefix_cache = self.prefix_cache.stats()
+        if reuse.note:
+            stats.notes.append(reuse.note)
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
 

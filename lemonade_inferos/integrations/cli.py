@@ -160,6 +160,10 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="cap on generated tokens per request (default: the rest of the context)")
     s.add_argument("--model-id", default=None, metavar="NAME",
                    help="model name in responses and /v1/models (default: the model's name)")
+    s.add_argument("--prefix-cache-bytes", type=_size_arg("--prefix-cache-bytes"), default=None, metavar="SIZE",
+                   help="memory for KV states kept between requests, so a chat's next turn or a shared system "
+                   "prompt is not prefilled again (bytes or a size like 512MiB; 0 = off; default: "
+                   "INFEROS_PREFIX_CACHE_BYTES or 512MiB); least recently used states are evicted first")
     s.add_argument("--baseline", action="store_true",
                    help="no plugins (same as INFEROS_DISABLE=1): ORT defaults, full-precision KV cache")
     s.add_argument("--verbose", dest="serve_verbose", action="store_true",
@@ -175,6 +179,18 @@ def _positive_int(flag: str, lo: int) -> Any:
         if v < lo:
             raise argparse.ArgumentTypeError(f"{flag} {v} is not allowed; must be >= {lo}")
         return v
+
+    return parse
+
+
+def _size_arg(flag: str) -> Any:
+    def parse(text: str) -> int:
+        from ..policy import parse_size
+
+        try:
+            return parse_size(int(text) if text.strip().isdigit() else text, field=flag)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 
