@@ -36,8 +36,10 @@ Correctness rules
   exactly what a reusing request does with its suffix — and their NLL is compared
   with the fresh prefill's logits of the same tokens: ``cost = exp(NLL_reuse) -
   exp(NLL_fresh)`` (absolute ΔPPL over those tokens, the guard's unit). A state built on a
-  reused one keeps the larger of its own and its parent's cost; a state with no
-  measurement (prompt suffix too short to probe and no parent cost) is never reused.
+  reused one keeps the larger of its own and its parent's cost. A state that could not be
+  probed (nothing was quantized yet when its prefill ended, or the prefilled suffix was
+  too short) takes the largest probe measured so far for its store configuration in this
+  process; with no measurement at all it is never reused.
   The tiered store can be cut back only where every later token is at L0
   (:meth:`KVCache.truncate_floor`, block granularity); a shorter LCP falls back to an
   earlier entry or a full prefill.
@@ -241,6 +243,7 @@ class PrefixCache:
         self._blocks: dict[bytes, _Block] = {}
         self._refs: dict[int, list] = {}  # id(array) -> [array, refcount]
         self._bytes = 0
+        self._config_cost: dict[str, float] = {}  # reuse key -> largest probe cost measured
         self._clock = itertools.count(1)
         self._stats = PrefixCacheStats()
         self.max_bytes = 0
@@ -452,9 +455,15 @@ class PrefixCache:
             if reuse.probe is not None and new_cache is not None and run is not None:
                 psnap, pids, fresh = reuse.probe
                 try:
-                    costs.append(probe_cost(psnap, new_cache(), pids, fresh, run))
+                    measured = probe_cost(psnap, new_cache(), pids, fresh, run)
                 except (KVCacheReuseError, ValueError) as err:
                     log.info("prefix cache: probe not measured (%s)", err)
+                else:
+                    costs.append(measured)
+                    with self._lock:
+                        self._config_cost[key] = max(measured, self._config_cost.get(key, measured))
+            if not costs and key in self._config_cost:
+                costs.append(self._config_cost[key])  # the configuration's largest probe so far
             cost = max(costs) if costs else None
         ids = np.asarray(fed, dtype=np.int64)
         with self._lock:
