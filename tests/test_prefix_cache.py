@@ -152,6 +152,21 @@ def test_tiered_reuse_is_bounded_by_measured_cost(tiered_engine):
     assert res.stats.cache_n == 0
 
 
+def test_tiered_chat_reuses_the_prompt_state_when_the_reply_is_re_rendered(tiered_engine):
+    eng = tiered_engine
+    eng.prefix_cache.clear()
+    ids = eng.encode(STORY * 2)
+    r = eng.generate(ids, GenerationConfig(max_new_tokens=80, stop_on_eos=False))
+    kinds = {(e["tokens"], e["floor"]) for e in eng.prefix_cache.entries()}
+    final = len(ids) + len(r.token_ids) - 1
+    assert any(t == final and f > len(ids) for t, f in kinds)  # the final state cannot be cut to the prompt
+    assert any(t == len(ids) for t, _ in kinds)  # so the prompt's own state is kept too
+    # the next prompt re-renders the reply differently from its first token on
+    nxt = ids + [(r.token_ids[0] + 1) % eng.spec.vocab_size] + eng.encode(" The end.")[1:]
+    res = eng.generate(nxt, GenerationConfig(max_new_tokens=2), context=_ctx(nxt, quality_budget=1e9))
+    assert res.stats.cache_n == len(ids)
+
+
 def test_probe_cost_of_an_exact_state_is_zero(fp_engine):
     eng = fp_engine
     ids = eng.encode(STORY)

@@ -213,7 +213,8 @@ class Reuse:
     lossy: bool = False
     note: str = ""
     enabled: bool = True
-    probe: tuple[KVSnapshot, list[int], np.ndarray] | None = field(default=None, repr=False)
+    prompt_state: tuple[KVSnapshot, int] | None = field(default=None, repr=False)
+    probe: tuple[list[int], np.ndarray] | None = field(default=None, repr=False)
 
 
 class PrefixCache:
@@ -320,10 +321,7 @@ class PrefixCache:
     def _remove(self, e: _Entry) -> None:
         self._entries.remove(e)
         self._unref(e.arrays())
-        if e.blocks is not None:
-            for b in e.blocks:
-                if id(next(iter(b.arrays.values()))) not in self._refs:
-                    self._blocks.pop(b.key, None)
+        self._drop_unheld_blocks(e)
 
     def _shrink_to(self, limit: int) -> None:
         while self._entries and self._bytes > limit:
@@ -414,26 +412,50 @@ class PrefixCache:
         arrays = {name: np.concatenate(p, axis=2) for name, p in parts.items()}
         return KVSnapshot(key, n, arrays, token_axis=2)
 
-    # -- after the prefill: remember what the probe needs ----------------------------------
+    # -- after the prefill: the prompt's own state, and what the probe needs ----------------
     def after_prefill(self, reuse: Reuse, cache: KVCache, ids: Sequence[int], logits: np.ndarray) -> None:
         """Called right after the prefill of ``ids[reuse.start:]`` (``logits`` float
-        ``[len(ids) - start, vocab]``): when the state has quantized/evicted tokens and
-        enough prompt tokens were prefilled, keep a snapshot and the fresh logits of the
-        last ``probe_tokens`` prompt tokens for :func:`probe_cost` at :meth:`store`."""
-        if not reuse.enabled or not self.enabled:
+        ``[len(ids) - start, vocab]``). For a store that cannot be cut back anywhere
+        (``cache.token_axis is None``: the tiered store), keep the prompt's state (a cheap
+        snapshot: L0 columns copied, tier arrays shared): the next turn of a chat can reuse
+        it even when the re-rendered reply differs from the generated tokens early on (the
+        final state can only be cut back to its last quantized block). When that state
+        has quantized/evicted tokens and enough prompt tokens were prefilled, also keep the
+        fresh logits of the last ``probe_tokens`` prompt tokens for :func:`probe_cost`."""
+        if not reuse.enabled or not self.enabled or cache.token_axis is not None or cache.reuse_key() is None:
             return
-        snap_lossy = getattr(cache, "lossy_tokens", None)
-        if snap_lossy is None or not snap_lossy():
+        snap = cache.snapshot()
+        floor = cache.truncate_floor()
+        reuse.prompt_state = (snap, floor)
+        if not snap.lossy_tokens:
             return
         p = min(self.probe_tokens, len(ids) - reuse.start - 1)
-        if p < 2 or cache.truncate_floor() > len(ids) - p:
-            return
-        reuse.probe = (cache.snapshot(), list(ids[-p:]), np.array(logits[-p:-1], dtype=np.float32))
+        if p >= 2 and floor <= len(ids) - p:
+            reuse.probe = (list(ids[-p:]), np.array(logits[-p:-1], dtype=np.float32))
 
     # -- store -----------------------------------------------------------------------------
+    def _cost(self, key: str, reuse: Reuse, new_cache: Callable[[], KVCache] | None, run: RunFn | None) -> float | None:
+        """The measured cost for a lossy state of this request (see the module docstring)."""
+        costs = [] if reuse.cost_ppl is None else [reuse.cost_ppl]
+        if reuse.probe is not None and reuse.prompt_state is not None and new_cache is not None and run is not None:
+            pids, fresh = reuse.probe
+            try:
+                measured = probe_cost(reuse.prompt_state[0], new_cache(), pids, fresh, run)
+            except (KVCacheReuseError, ValueError) as err:
+                log.info("prefix cache: probe not measured (%s)", err)
+            else:
+                costs.append(measured)
+                with self._lock:
+                    self._config_cost[key] = max(measured, self._config_cost.get(key, measured))
+        if not costs and key in self._config_cost:
+            costs.append(self._config_cost[key])  # the configuration's largest probe so far
+        return max(costs) if costs else None
+
     def store(self, reuse: Reuse, cache: KVCache, fed: Sequence[int], prompt_len: int,
               new_cache: Callable[[], KVCache] | None = None, run: RunFn | None = None) -> None:
-        """Keep ``cache``'s state (it holds exactly the tokens ``fed``).
+        """Keep ``cache``'s state (it holds exactly the tokens ``fed``), and the prompt's
+        state kept by :meth:`after_prefill` when the final state cannot be cut back to the
+        prompt.
 
         Args:
             reuse: what :meth:`begin` returned for this request.
@@ -449,45 +471,53 @@ class PrefixCache:
             log.warning("prefix cache: cache holds %d tokens but %d ids were fed; not stored", cache.seq_length, len(fed))
             return
         snap = cache.snapshot()
-        cost = None
-        if snap.lossy_tokens:
-            costs = [] if reuse.cost_ppl is None else [reuse.cost_ppl]
-            if reuse.probe is not None and new_cache is not None and run is not None:
-                psnap, pids, fresh = reuse.probe
-                try:
-                    measured = probe_cost(psnap, new_cache(), pids, fresh, run)
-                except (KVCacheReuseError, ValueError) as err:
-                    log.info("prefix cache: probe not measured (%s)", err)
-                else:
-                    costs.append(measured)
-                    with self._lock:
-                        self._config_cost[key] = max(measured, self._config_cost.get(key, measured))
-            if not costs and key in self._config_cost:
-                costs.append(self._config_cost[key])  # the configuration's largest probe so far
-            cost = max(costs) if costs else None
+        ps = reuse.prompt_state
+        lossy = snap.lossy_tokens or (ps is not None and ps[0].lossy_tokens)
+        cost = self._cost(key, reuse, new_cache, run) if lossy else None
         ids = np.asarray(fed, dtype=np.int64)
+        floor = cache.truncate_floor()
         with self._lock:
-            for e in list(self._entries):
-                if e.reuse_key != key:
-                    continue
-                n = common_prefix_length(e.ids, ids)
-                if n == e.tokens:  # superseded: the new state extends it
-                    self._remove(e)
-                elif n == ids.size and (e.blocks is not None or e.floor <= n):
-                    e.last_used = next(self._clock)  # an entry already covers this sequence
-                    return
-            if snap.nbytes > self.max_bytes:
-                return  # larger than the whole cache
-            entry = _Entry(ids=ids, reuse_key=key, prompt_len=int(prompt_len), lossy_tokens=snap.lossy_tokens,
-                           cost_ppl=cost, last_used=next(self._clock), logical_bytes=snap.nbytes)
-            if snap.token_axis == 2 and not snap.lossy_tokens:
-                entry.blocks = self._blocks_of(snap, ids)
-            else:
-                entry.snap = snap
-                entry.floor = cache.truncate_floor()
-            self._ref(entry.arrays())
-            self._entries.append(entry)
+            self._insert(self._entry(snap, ids, key, prompt_len, cost, floor))
+            if ps is not None and floor > prompt_len and ps[0].tokens == prompt_len:
+                self._insert(self._entry(ps[0], ids[:prompt_len], key, prompt_len, cost, ps[1]))
             self._shrink_to(self.max_bytes)
+
+    def _entry(self, snap: KVSnapshot, ids: np.ndarray, key: str, prompt_len: int, cost: float | None,
+               floor: int) -> _Entry:
+        e = _Entry(ids=ids, reuse_key=key, prompt_len=int(prompt_len), lossy_tokens=snap.lossy_tokens,
+                   cost_ppl=cost if snap.lossy_tokens else None, last_used=next(self._clock),
+                   logical_bytes=snap.nbytes)
+        if snap.token_axis == 2 and not snap.lossy_tokens:
+            e.blocks = self._blocks_of(snap, ids)
+        else:
+            e.snap, e.floor = snap, int(floor)
+        return e
+
+    def _insert(self, entry: _Entry) -> None:
+        """Add ``entry`` unless an entry serves every prefix it serves; drop entries it
+        serves entirely (same configuration, their ids a prefix of its ids, floor not
+        lower than its floor)."""
+        if entry.logical_bytes > self.max_bytes:
+            self._drop_unheld_blocks(entry)  # larger than the whole cache
+            return
+        for e in list(self._entries):
+            if e.reuse_key != entry.reuse_key:
+                continue
+            n = common_prefix_length(e.ids, entry.ids)
+            if n == e.tokens and entry.floor <= e.floor:
+                self._remove(e)  # superseded
+            elif n == entry.tokens and e.floor <= entry.floor:
+                e.last_used = next(self._clock)  # already covered
+                self._drop_unheld_blocks(entry)
+                return
+        self._ref(entry.arrays())
+        self._entries.append(entry)
+
+    def _drop_unheld_blocks(self, entry: _Entry) -> None:
+        """Forget the blocks of an entry that was not added and that no entry holds."""
+        for b in entry.blocks or ():
+            if id(next(iter(b.arrays.values()))) not in self._refs:
+                self._blocks.pop(b.key, None)
 
     def _blocks_of(self, snap: KVSnapshot, ids: np.ndarray) -> list[_Block]:
         """Split a full-precision snapshot into blocks; blocks already cached under the same

@@ -430,12 +430,18 @@ def timings_of(result: Any) -> dict[str, Any]:
 
 
 def inferos_info(result: Any) -> dict[str, Any]:
-    """Extra ``inferos`` object in responses: request id, policy, KV store and bytes."""
+    """Extra ``inferos`` object in responses: request id, policy, KV store and bytes, and the
+    engine's prefix cache after this request (bytes held / saved by sharing, entries, hit
+    rate, evictions)."""
     st = result.stats
     return {
         "request_id": st.request_id, "policy": st.policy_name, "backend": st.backend,
         "finish_reason": result.finish_reason, "kv_store": st.kv.store, "kv_bytes": st.kv.total_bytes,
         "kv_compression_vs_fp16": round(st.kv.compression_vs_fp16, 4),
+        "cache_n": st.cache_n,
+        "prefix_cache": {k: v for k, v in st.prefix_cache.to_dict().items()
+                         if k in ("bytes_held", "logical_bytes", "bytes_saved", "entries", "hit_rate", "evictions",
+                                  "retokenize_mismatches", "quality_rejects")},
     }
 
 

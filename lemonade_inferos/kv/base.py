@@ -83,6 +83,10 @@ class KVCache(abc.ABC):
 
     #: file name of the decoder graph this cache feeds, relative to the model folder.
     graph_file: str = "model.onnx"
+    #: :attr:`KVSnapshot.token_axis` of this cache's snapshots: when set, the state can be
+    #: cut at any token (the prefix cache splits it into shared blocks); None = cut only
+    #: where :meth:`truncate_floor` allows.
+    token_axis: int | None = None
 
     def __init__(self, spec: DecoderSpec):
         self.spec = spec
@@ -222,6 +226,7 @@ class FullPrecisionKVCache(KVCache):
     """
 
     graph_file = "model.onnx"
+    token_axis = 2
 
     def __init__(self, spec: DecoderSpec):
         super().__init__(spec)
