@@ -381,3 +381,51 @@ def test_cache_n_through_a_real_serve_process(serve_process):
     c = client.completions.create(model="m", prompt="Lily had a dog named Max. Max liked to", max_tokens=4)
     c2 = client.completions.create(model="m", prompt="Lily had a dog named Max. Max liked to run and", max_tokens=4)
     assert c.model_extra["timings"]["cache_n"] == 0 and c2.model_extra["timings"]["cache_n"] > 5
+
+
+# -- the Lemonade in-process path -------------------------------------------------------------
+def test_lemonade_runtime_reuses_the_previous_turn(embedded_model, monkeypatch):
+    """What the patched ``OrtGenaiModel.generate`` runs: a follow-up call whose input ids
+    extend the previous call's prompt + output starts from its KV state."""
+    from lemonade_inferos.integrations.lemonade import LemonadeRuntime
+
+    monkeypatch.delenv("INFEROS_AGENT_URL", raising=False)
+    rt = LemonadeRuntime(str(embedded_model))
+    assert rt.engine is not None, rt.kv_inactive_reason
+
+    class Model:  # the attributes Lemonade's OrtGenaiModel carries
+        config = {"search": {"do_sample": False}}
+
+    ids = rt.engine.encode(STORY)
+    out = rt.generate(Model(), None, {"input_ids": ids, "max_new_tokens": 12})[0].tolist()
+    follow = out[:-1] + rt.engine.encode(" Then she went home.")[1:]
+    rt.generate(Model(), None, {"input_ids": follow, "max_new_tokens": 4})
+    st = rt.engine.prefix_cache.stats()
+    assert st.hits == 1 and st.hit_tokens >= len(ids)
+
+
+def test_prometheus_exposes_prefix_cache(tmp_path):
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lemonade_inferos.agent.server import BackgroundAgent
+    from lemonade_inferos.types import PrefixCacheStats, RunStats
+
+    token, now = "pc-token-" + "p" * 24, 1_900_000_000.0
+    with BackgroundAgent(state_dir=tmp_path, token=token, clock=lambda: now) as agent:
+        for i, n in enumerate([0, 50, 60]):
+            pc = PrefixCacheStats(enabled=True, lookups=i + 1, hits=min(i, 2), bytes_held=1_000_000 * (i + 1),
+                                  logical_bytes=3_000_000 * (i + 1), evictions=i)
+            s = RunStats(request_id=f"r{i}", start_time=now - 10 + i, end_time=now - 9 + i, prompt_tokens=100,
+                         generated_tokens=4, cache_n=n, prefix_cache=pc)
+            r = requests.post(agent.url + "/v1/stats", json={**s.to_dict(), "instance": "x"},
+                              headers={"X-Inferos-Token": token})
+            assert r.status_code == 201, r.text
+        m = requests.get(agent.url + "/v1/metrics").json()
+        assert m["kv_stats"]["hit_rate"] == m["memory"]["kv_cache_hit_rate"] == pytest.approx(2 / 3, abs=1e-4)
+        assert m["memory"]["prefix_cache_mb"] == pytest.approx(3.0) and m["memory"]["prefix_cache_saved_mb"] == pytest.approx(6.0)
+        text = requests.get(agent.url + "/v1/metrics/prometheus").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["inferos_kv_cache_hit_ratio"].samples[0].value == pytest.approx(2 / 3, abs=1e-3)
+    assert fams["inferos_prefix_cache_bytes"].samples[0].value == pytest.approx(3_000_000)
+    assert fams["inferos_prefix_cache_evictions"].samples[0].value == 2
