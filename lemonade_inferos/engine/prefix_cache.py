@@ -79,6 +79,7 @@ import numpy as np
 
 from ..kv.base import KVCache, KVCacheReuseError, KVSnapshot
 from ..types import PrefixCacheStats
+from .sampling import log_softmax
 
 log = logging.getLogger("lemonade_inferos.prefix_cache")
 
@@ -120,19 +121,13 @@ def common_prefix_length(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.nd
     return int(diff[0]) if diff.size else n
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def mean_nll(logits: np.ndarray, targets: Sequence[int]) -> float:
     """Mean negative log-likelihood (nats/token) of ``targets`` under ``logits``
     (float ``[n, vocab]``, row ``i`` scoring ``targets[i]``)."""
     t = np.asarray(targets, dtype=np.int64)
     if logits.shape[0] != t.size or t.size == 0:
         raise ValueError(f"{logits.shape[0]} logit rows for {t.size} targets")
-    lp = _log_softmax(logits)
+    lp = log_softmax(logits)
     return float(-lp[np.arange(t.size), t].mean())
 
 

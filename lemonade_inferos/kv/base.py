@@ -265,11 +265,13 @@ class FullPrecisionKVCache(KVCache):
         return f"fp32:{self.graph_file}"
 
     def snapshot(self) -> KVSnapshot:
-        """Arrays by past input name, float32 ``[1, kv_heads, seq, head_dim]`` (copies of
-        the present outputs, marked read-only). Exact: ``lossy_tokens`` = 0."""
+        """Arrays by past input name, float32 ``[1, kv_heads, seq, head_dim]``, read-only
+        views of the present outputs (no copy for numpy arrays: every run's present is new
+        memory and :meth:`update` replaces the past, never writes into it; ``OrtValue``s
+        are copied out). Exact: ``lossy_tokens`` = 0."""
         arrays = {}
         for name, v in self._past.items():
-            a = np.array(_as_array(v), dtype=np.float32, copy=True)
+            a = _as_array(v).view()
             a.flags.writeable = False
             arrays[name] = a
         return KVSnapshot(self.reuse_key(), self._len, arrays, token_axis=2)
