@@ -429,3 +429,4 @@ def test_prometheus_exposes_prefix_cache(tmp_path):
     assert fams["inferos_kv_cache_hit_ratio"].samples[0].value == pytest.approx(2 / 3, abs=1e-3)
     assert fams["inferos_prefix_cache_bytes"].samples[0].value == pytest.approx(3_000_000)
     assert fams["inferos_prefix_cache_evictions"].samples[0].value == 2
+    assert fams["inferos_prefix_cache_retokenize_mismatches"].samples[0].value == 0

@@ -89,6 +89,9 @@ class MetricsCollector(Collector):
                 yield GaugeMetricFamily(name, doc, value=v * MB, unit="bytes")
         yield CounterMetricFamily("inferos_prefix_cache_evictions", "Prefix-cache entries evicted (LRU), as reported",
                                   value=kv["prefix_cache_evictions"])
+        yield CounterMetricFamily("inferos_prefix_cache_retokenize_mismatches",
+                                  "Prefix reuses cut short inside generated tokens (chat template re-rendered them)",
+                                  value=kv["retokenize_mismatches"])
 
         dev = m["device_utilization"]
         util = GaugeMetricFamily("inferos_device_utilization_ratio", "Device utilisation 0..1", labels=["device"])
