@@ -2,8 +2,10 @@
 
 Three measurements, each against a real server process started by this script
 (``python -m lemonade_inferos.cli serve -m FOLDER --port N``) and driven with the ``openai``
-client, for both KV stores (``fp32``: policy with ``kv.mode: disabled``; ``tiered``: the
-``default`` preset):
+client, for each KV store configuration (``fp32``: a policy file with ``kv.mode:
+disabled``; ``default``: the tiered store of the ``default`` preset, INT4 + 40 % eviction,
+whose quantized states the prefix cache reuses only within the quality budgets;
+``quality``: the tiered store of the ``quality`` preset, INT8, no eviction):
 
 1. **Multi-turn TTFT.** A 6-turn "document chat": turn 1 sends a system prompt with a
    ~1,250-token document and a question; every later turn adds the model's reply and a
@@ -283,7 +285,8 @@ def quality(folder: Path, policy_name: str, turns: int, doc_tokens: int, reply_t
             reuse = eng.prefix_cache.begin(ids, reuse_cache, budget_ppl=float("inf"))
             nll_reuse = reply_nll(eng, reuse_cache, ids, reuse.start, ref.token_ids)
             out.append({"turn": t + 1, "prompt_tokens": len(ids), "reused_tokens": reuse.start,
-                        "lossy_state": reuse.lossy, "measured_cost_ppl": reuse.cost_ppl,
+                        "lossy_state": reuse.lossy,
+                        "measured_cost": reuse.cost._asdict() if reuse.cost is not None else None,
                         "nll_fresh": round(nll_fresh, 6), "nll_reuse": round(nll_reuse, 6),
                         "delta_nll": round(nll_reuse - nll_fresh, 6)})
             say(f"  quality {policy_name} turn {t + 1}: reused {reuse.start}/{len(ids)}, "
@@ -314,7 +317,7 @@ def plot(out: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("turn")
         ax.set_ylabel("TTFT ms (median)")
-        ax.set_title(f"{out['model']}: {name} KV store")
+        ax.set_title(f"{out['model']}: {name}")
         ax.legend(fontsize=8)
     ax = axes[-1]
     names = stores
@@ -334,13 +337,14 @@ def plot(out: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small synthetic preset, 1 repeat")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--doc-tokens", type=int, default=1250, help="document tokens in turn 1 (default 1250)")
     ap.add_argument("--system-tokens", type=int, default=1000, help="shared system prompt tokens (default 1000)")
     ap.add_argument("--reply-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=7770)
-    ap.add_argument("--stores", default="fp32,tiered")
+    ap.add_argument("--stores", default="fp32,default,quality",
+                    help="fp32 (kv.mode disabled) and/or policy presets (tiered store), comma-separated")
     ap.add_argument("--no-oga", action="store_true")
     ap.add_argument("--json", default=str(HERE / "results" / "prefix_reuse.json"))
     ap.add_argument("--plot", default=str(HERE / "results" / "prefix_reuse.png"))
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                            "code": code_state(), "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
                            "stores": {}, "quality": {}, "targets": []}
     for i, store in enumerate(args.stores.split(",")):
-        policy = str(tmp / "fp32.yaml") if store == "fp32" else "default"
+        policy = str(tmp / "fp32.yaml") if store == "fp32" else store
         bpt = spec.kv_bytes_per_token(4 if store == "fp32" else 2)
         say(f"[{store}] starting inferos serve on port {args.port + i}")
         srv = Server(folder, args.port + i, policy, ["--max-concurrency", "8", "--prefix-cache-bytes", "1GiB"])
@@ -389,11 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     if oga is not None:
         del oga
     say("quality of reusing tiered states")
-    out["quality"]["synthetic-tiered"] = quality(folder, "default", args.turns, args.doc_tokens, 32)
+    for store in args.stores.split(","):
+        if store != "fp32":
+            out["quality"][f"synthetic-{store}"] = quality(folder, store, args.turns, args.doc_tokens, 32)
     from lemonade_inferos.model.embedded import embedded_model_dir
 
     emb = embedded_model_dir()
-    out["quality"]["stories260K-tiered"] = quality(emb, "default", 6, 40, 24)
+    out["quality"]["stories260K-default"] = quality(emb, "default", 6, 40, 24)
     out["quality"]["stories260K-fp32"] = quality(emb, "fp32", 6, 40, 24)
     out["seconds"] = time.perf_counter() - t_start
     write_results(out, args.json, args.plot, plot)

@@ -136,19 +136,22 @@ def test_tiered_reuse_is_bounded_by_measured_cost(tiered_engine):
     r1 = eng.generate(ids, GenerationConfig(max_new_tokens=8))
     assert r1.stats.kv.tokens_evicted > 0 or r1.stats.kv.level_distribution["L2"] > 0
     (entry,) = eng.prefix_cache.entries()
-    assert entry["lossy_tokens"] > 0 and entry["cost_ppl"] is not None and np.isfinite(entry["cost_ppl"])
-    cost = entry["cost_ppl"]
+    c = entry["cost"]
+    assert entry["lossy_tokens"] > 0 and c is not None and np.isfinite(c).all()
+    assert c.kld >= 0 and c.delta_ppl >= 0  # KL divergence is never negative
+    cost = c.delta_ppl
     follow = ids + r1.token_ids[:-1] + eng.encode(" The end.")[1:]
-    # within budget: reused
-    ok = eng.prefix_cache.begin(follow, _new_cache(eng), budget_ppl=max(cost, 0) + 1e-6)
-    assert ok.start > 0 and ok.lossy and ok.cost_ppl == cost
-    # over budget: re-prefilled, counted
+    # within both budgets: reused
+    ok = eng.prefix_cache.begin(follow, _new_cache(eng), budget_ppl=cost + 1e-9, max_kld=c.kld + 1e-9)
+    assert ok.start > 0 and ok.lossy and ok.cost == c
+    # over either budget: re-prefilled, counted
     before = eng.prefix_cache.stats().quality_rejects
-    no = eng.prefix_cache.begin(follow, _new_cache(eng), budget_ppl=cost - 1e-3)
+    no = eng.prefix_cache.begin(follow, _new_cache(eng), budget_ppl=cost * 0.99)
     assert no.start == 0 and "not reused" in no.note
-    assert eng.prefix_cache.stats().quality_rejects == before + 1
+    assert eng.prefix_cache.begin(follow, _new_cache(eng), budget_ppl=1e9, max_kld=c.kld * 0.99).start == 0
+    assert eng.prefix_cache.stats().quality_rejects == before + 2
     # a request's quality_budget is the bound
-    res = eng.generate(follow, GenerationConfig(max_new_tokens=4), context=_ctx(follow, quality_budget=cost - 1e-3))
+    res = eng.generate(follow, GenerationConfig(max_new_tokens=4), context=_ctx(follow, quality_budget=cost * 0.99))
     assert res.stats.cache_n == 0
 
 
@@ -175,7 +178,7 @@ def test_probe_cost_of_an_exact_state_is_zero(fp_engine):
     p = 12
     cost = probe_cost(cache.snapshot(), _new_cache(eng), ids[-p:], logits[-p:-1],
                       lambda c, x, pos: _run(eng, c, x[0].tolist(), pos))
-    assert abs(cost) < 1e-3
+    assert abs(cost.delta_ppl) < 1e-4 and abs(cost.kld) < 1e-6 and abs(cost.delta_nll) < 1e-4
 
 
 def test_lossless_tiered_state_reuse_matches_fresh(tiered_engine):

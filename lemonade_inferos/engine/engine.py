@@ -355,7 +355,8 @@ class Engine:
 
         deadline = self._arm_deadline(ro, context, t0)
         budget = policy.quality.max_delta_ppl if context.quality_budget is None else context.quality_budget
-        reuse = self.prefix_cache.begin(ids, cache, budget_ppl=budget, enabled=context.cache_prompt and not stats.baseline)
+        reuse = self.prefix_cache.begin(ids, cache, budget_ppl=budget, max_kld=policy.quality.max_kld,
+                                        enabled=context.cache_prompt and not stats.baseline)
         start = stats.cache_n = reuse.start
         try:
             t_pre = time.perf_counter()

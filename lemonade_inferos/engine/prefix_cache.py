@@ -28,15 +28,20 @@ Correctness rules
   (float16) is reused like a full-precision one. A state with quantized (INT8/INT4) or
   evicted tokens differs from a fresh prefill, which attends the whole prompt at full
   precision: its *measured* quality cost is kept with it and it is reused only while
-  that cost is within the request's budget (``InferenceContext.quality_budget``, else
-  ``quality.max_delta_ppl``); otherwise the prompt is re-prefilled (counted in
-  ``quality_rejects``). The measurement (:func:`probe_cost`): right after the prefill
-  that built the state, the last ``probe_tokens`` prompt tokens (still at L0) are cut
-  off a copy of the state and prefilled again against its quantized/evicted prefix —
-  exactly what a reusing request does with its suffix — and their NLL is compared
-  with the fresh prefill's logits of the same tokens: ``cost = exp(NLL_reuse) -
-  exp(NLL_fresh)`` (absolute ΔPPL over those tokens, the guard's unit). A state built on a
-  reused one keeps the larger of its own and its parent's cost. A state that could not be
+  that cost is within the request's budgets (ΔPPL: ``InferenceContext.quality_budget``,
+  else ``quality.max_delta_ppl``; KLD: ``quality.max_kld``, the quality guard's two
+  budgets); otherwise the prompt is re-prefilled (counted in ``quality_rejects``). The
+  measurement (:func:`probe_cost`): right after the prefill that built the state, the last
+  ``probe_tokens`` prompt tokens (still at L0) are cut off a copy of the state and
+  prefilled again against its quantized/evicted prefix — exactly what a reusing request
+  does with its suffix — and their next-token distributions are compared with the fresh
+  prefill's for the same tokens: ``kld`` = mean KL(fresh ‖ reuse) in nats/token
+  (llama.cpp's ``--kl-divergence``), and ``ΔPPL = PPL_fresh * (exp(kld) - 1)``, the
+  perplexity increase the state adds in expectation (E[NLL_reuse - NLL_fresh] = KL when
+  the next tokens follow the fresh distribution), at the probe tokens' perplexity — the
+  guard's absolute ΔPPL unit, with far less variance than the NLL difference of ~16
+  sampled tokens. A state built on a reused one keeps the larger of its own and its
+  parent's cost. A state that could not be
   probed (nothing was quantized yet when its prefill ended, or the prefilled suffix was
   too short) takes the largest probe measured so far for its store configuration in this
   process; with no measurement at all it is never reused.
@@ -73,7 +78,7 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -131,16 +136,33 @@ def mean_nll(logits: np.ndarray, targets: Sequence[int]) -> float:
     return float(-lp[np.arange(t.size), t].mean())
 
 
+class ProbeCost(NamedTuple):
+    """What :func:`probe_cost` measured: ``delta_ppl`` (absolute perplexity increase,
+    ``PPL_fresh * (exp(kld) - 1)``), ``kld`` (mean KL(fresh ‖ reuse), nats/token) and
+    ``delta_nll`` (mean NLL of the probe targets, reuse minus fresh; informational)."""
+
+    delta_ppl: float
+    kld: float
+    delta_nll: float
+
+    @staticmethod
+    def worst(costs: "Sequence[ProbeCost]") -> "ProbeCost | None":
+        """Field-wise maximum (None for no costs)."""
+        if not costs:
+            return None
+        return ProbeCost(*(max(c[i] for c in costs) for i in range(3)))
+
+
 def probe_cost(snap: KVSnapshot, new_cache: KVCache, probe_ids: Sequence[int], fresh_logits: np.ndarray,
-               run: RunFn) -> float:
-    """Measured quality cost (absolute ΔPPL) of prefilling against the state ``snap``.
+               run: RunFn) -> ProbeCost:
+    """Measured quality cost of prefilling against the state ``snap`` (see the module
+    docstring for the definitions).
 
     ``snap`` holds ``T`` tokens whose last ``p = len(probe_ids)`` are ``probe_ids`` (at L0).
     The state is restored into ``new_cache`` (an empty cache of the same configuration),
     cut back to ``T - p`` tokens and ``probe_ids[:-1]`` are prefilled again at positions
     ``T - p ...``; their logits predict ``probe_ids[1:]``. ``fresh_logits`` float
-    ``[p - 1, vocab]`` are the fresh prefill's logits for the same predictions. Returns
-    ``exp(NLL_probe) - exp(NLL_fresh)``.
+    ``[p - 1, vocab]`` are the fresh prefill's logits for the same predictions.
 
     Raises:
         KVCacheReuseError: the state cannot be cut there.
@@ -156,7 +178,9 @@ def probe_cost(snap: KVSnapshot, new_cache: KVCache, probe_ids: Sequence[int], f
     targets = list(probe_ids[1:])
     nll_probe = mean_nll(logits, targets)
     nll_fresh = mean_nll(fresh_logits, targets)
-    return float(np.exp(min(nll_probe, 50.0)) - np.exp(min(nll_fresh, 50.0)))
+    lp_f, lp_p = log_softmax(fresh_logits), log_softmax(logits)
+    kld = float(np.mean(np.sum(np.exp(lp_f) * (lp_f - lp_p), axis=-1)))
+    return ProbeCost(float(np.exp(min(nll_fresh, 50.0)) * np.expm1(kld)), kld, nll_probe - nll_fresh)
 
 
 @dataclass(eq=False)
@@ -179,7 +203,7 @@ class _Entry:
     snap: KVSnapshot | None = None
     floor: int = 0
     lossy_tokens: int = 0
-    cost_ppl: float | None = None
+    cost: ProbeCost | None = None
     last_used: int = 0
     logical_bytes: int = 0
 
@@ -199,12 +223,12 @@ class Reuse:
     """What :meth:`PrefixCache.begin` did for one request.
 
     ``start`` = prompt tokens restored from the cache (the engine prefills
-    ``prompt[start:]``); ``cost_ppl`` the reused state's measured cost (None = exact or
+    ``prompt[start:]``); ``cost`` the reused state's measured cost (None = exact or
     nothing reused); ``note`` a human-readable line for the request's stats.
     """
 
     start: int = 0
-    cost_ppl: float | None = None
+    cost: ProbeCost | None = None
     lossy: bool = False
     note: str = ""
     enabled: bool = True
@@ -239,7 +263,7 @@ class PrefixCache:
         self._blocks: dict[bytes, _Block] = {}
         self._refs: dict[int, list] = {}  # id(array) -> [array, refcount]
         self._bytes = 0
-        self._config_cost: dict[str, float] = {}  # reuse key -> largest probe cost measured
+        self._config_cost: dict[str, ProbeCost] = {}  # reuse key -> largest probe costs measured
         self._clock = itertools.count(1)
         self._stats = PrefixCacheStats()
         self.max_bytes = 0
@@ -327,13 +351,15 @@ class PrefixCache:
             self._stats.evicted_bytes += before - self._bytes
 
     # -- lookup ----------------------------------------------------------------------------
-    def begin(self, ids: Sequence[int], cache: KVCache, *, budget_ppl: float, enabled: bool = True) -> Reuse:
+    def begin(self, ids: Sequence[int], cache: KVCache, *, budget_ppl: float, max_kld: float = float("inf"),
+              enabled: bool = True) -> Reuse:
         """Restore into ``cache`` (empty) the longest usable cached prefix of ``ids``.
 
         Args:
             ids: the prompt's token ids.
             cache: the request's fresh cache.
             budget_ppl: largest measured ΔPPL a quantized state may carry to be reused.
+            max_kld: largest measured mean KLD (nats/token) it may carry.
             enabled: False = the request opted out (nothing restored, nothing counted).
 
         Returns:
@@ -355,7 +381,7 @@ class PrefixCache:
                 n = min(common_prefix_length(e.ids, want), limit)
                 if n < e.floor or n == 0:
                     continue
-                if e.lossy_tokens and (e.cost_ppl is None or e.cost_ppl > budget_ppl):
+                if e.lossy_tokens and (e.cost is None or e.cost.delta_ppl > budget_ppl or e.cost.kld > max_kld):
                     rejected = e
                     continue
                 if best is None or n > best[0]:
@@ -363,9 +389,10 @@ class PrefixCache:
             if best is None:
                 if rejected is not None:
                     self._stats.quality_rejects += 1
-                    cost = "unmeasured" if rejected.cost_ppl is None else f"ΔPPL {rejected.cost_ppl:+.4f}"
-                    return Reuse(note=f"prefix cache: quantized state not reused ({cost} over budget "
-                                      f"{budget_ppl:g}); prompt re-prefilled")
+                    c = rejected.cost
+                    cost = "unmeasured" if c is None else f"ΔPPL {c.delta_ppl:+.4f}, KLD {c.kld:.4f}"
+                    return Reuse(note=f"prefix cache: quantized state not reused ({cost}; budgets ΔPPL "
+                                      f"{budget_ppl:g}, KLD {max_kld:g}); prompt re-prefilled")
                 return Reuse()
             n, e = best
             e.last_used = next(self._clock)
@@ -388,9 +415,10 @@ class PrefixCache:
             self._stats.hits += 1
             self._stats.hit_tokens += n
         lossy = bool(e.lossy_tokens)
-        return Reuse(start=n, cost_ppl=e.cost_ppl if lossy else None, lossy=lossy,
-                     note=f"prefix cache: reused {n} of {want.size} prompt tokens"
-                          + (f" (quantized state, measured ΔPPL {e.cost_ppl:+.4f})" if lossy else ""))
+        return Reuse(start=n, cost=e.cost if lossy else None, lossy=lossy,
+                     note=f"prefix cache: reused {n} of {want.size} prompt tokens" + (
+                         f" (quantized state, measured ΔPPL {e.cost.delta_ppl:+.4f}, KLD {e.cost.kld:.4f})"
+                         if lossy and e.cost is not None else ""))
 
     @staticmethod
     def _assemble(key: str, blocks: list[_Block], n: int) -> KVSnapshot:
@@ -429,9 +457,10 @@ class PrefixCache:
             reuse.probe = (list(ids[-p:]), np.array(logits[-p:-1], dtype=np.float32))
 
     # -- store -----------------------------------------------------------------------------
-    def _cost(self, key: str, reuse: Reuse, new_cache: Callable[[], KVCache] | None, run: RunFn | None) -> float | None:
+    def _cost(self, key: str, reuse: Reuse, new_cache: Callable[[], KVCache] | None,
+              run: RunFn | None) -> ProbeCost | None:
         """The measured cost for a lossy state of this request (see the module docstring)."""
-        costs = [] if reuse.cost_ppl is None else [reuse.cost_ppl]
+        costs = [] if reuse.cost is None else [reuse.cost]
         if reuse.probe is not None and reuse.prompt_state is not None and new_cache is not None and run is not None:
             pids, fresh = reuse.probe
             try:
@@ -441,10 +470,10 @@ class PrefixCache:
             else:
                 costs.append(measured)
                 with self._lock:
-                    self._config_cost[key] = max(measured, self._config_cost.get(key, measured))
+                    self._config_cost[key] = ProbeCost.worst([measured, self._config_cost.get(key, measured)])
         if not costs and key in self._config_cost:
             costs.append(self._config_cost[key])  # the configuration's largest probe so far
-        return max(costs) if costs else None
+        return ProbeCost.worst(costs)
 
     def store(self, reuse: Reuse, cache: KVCache, fed: Sequence[int], prompt_len: int,
               new_cache: Callable[[], KVCache] | None = None, run: RunFn | None = None) -> None:
@@ -477,10 +506,10 @@ class PrefixCache:
                 self._insert(self._entry(ps[0], ids[:prompt_len], key, prompt_len, cost, ps[1]))
             self._shrink_to(self.max_bytes)
 
-    def _entry(self, snap: KVSnapshot, ids: np.ndarray, key: str, prompt_len: int, cost: float | None,
+    def _entry(self, snap: KVSnapshot, ids: np.ndarray, key: str, prompt_len: int, cost: ProbeCost | None,
                floor: int) -> _Entry:
         e = _Entry(ids=ids, reuse_key=key, prompt_len=int(prompt_len), lossy_tokens=snap.lossy_tokens,
-                   cost_ppl=cost if snap.lossy_tokens else None, last_used=next(self._clock),
+                   cost=cost if snap.lossy_tokens else None, last_used=next(self._clock),
                    logical_bytes=snap.nbytes)
         if snap.token_axis == 2 and not snap.lossy_tokens:
             e.blocks = self._blocks_of(snap, ids)
@@ -542,5 +571,5 @@ class PrefixCache:
         """What is cached (for debugging and tests): ids length, bytes, cost, kind."""
         with self._lock:
             return [{"tokens": e.tokens, "prompt_len": e.prompt_len, "kind": "blocks" if e.blocks is not None else "snapshot",
-                     "lossy_tokens": e.lossy_tokens, "cost_ppl": e.cost_ppl, "logical_bytes": e.logical_bytes,
+                     "lossy_tokens": e.lossy_tokens, "cost": e.cost, "logical_bytes": e.logical_bytes,
                      "floor": e.floor} for e in self._entries]
