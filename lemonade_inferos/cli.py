@@ -3,7 +3,8 @@
 Each area registers its own subcommands through a ``register(subparsers)`` function, so
 this module stays small and imports nothing heavy before a command is chosen:
 
-* :mod:`lemonade_inferos.commands` – ``generate``, ``demo``, ``convert``, ``eval``
+* :mod:`lemonade_inferos.commands` – ``generate``, ``demo``, ``eval``
+* :mod:`lemonade_inferos.model_cli` – ``convert``, ``pull``
 * :mod:`lemonade_inferos.agent.cli` – ``agent``, ``status``, ``policy``
 * :mod:`lemonade_inferos.integrations.cli` – ``serve``, ``lemonade``, ``gaia``
 """
@@ -19,6 +20,7 @@ from . import __version__
 
 REGISTRARS = (
     "lemonade_inferos.commands",
+    "lemonade_inferos.model_cli",
     "lemonade_inferos.agent.cli",
     "lemonade_inferos.integrations.cli",
 )
@@ -26,6 +28,8 @@ REGISTRARS = (
 EPILOG = """\
 examples:
   inferos demo                                  baseline vs inferos on the embedded model
+  inferos pull smollm2-135m-instruct            fetch + convert a real chat model
+  inferos demo --model smollm2-135m-instruct    the main job on it
   inferos generate "Once upon a time" --policy quality
   inferos eval --text story.txt --policy default --json
   inferos agent                                 control agent on 127.0.0.1:7031

@@ -1,4 +1,4 @@
-"""``inferos generate | demo | convert | eval``: the model-facing subcommands."""
+"""``inferos generate | demo | eval``: the model-facing subcommands (``convert``/``pull``: :mod:`.model_cli`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,36 @@ DEMO_PROMPTS = [
 ]
 
 
+#: chat-model demo: (question, include the packaged passage?) — the passage makes a context of
+#: ~1,000 tokens, where the tiered KV store's savings show
+CHAT_DEMO = [
+    ("What is the capital of France?", False),
+    ("Read this text and explain in three sentences how a weather forecast is made.", True),
+    ("Give me three tips for baking a simple loaf of bread.", False),
+]
+
+
+def demo_passage() -> str:
+    """The packaged passage the chat demo asks about (written for this project)."""
+    return (Path(__file__).resolve().parent / "data" / "demo_passage.txt").read_text(encoding="utf-8").strip()
+
+
+def chat_prompt(folder: Path, user: str, system: str | None = None) -> str | None:
+    """``user`` (and ``system``) rendered with the model folder's own chat template, or None
+    when the folder has none (plain completion models such as stories260K)."""
+    from .integrations.chat import ChatTemplate
+
+    tpl = ChatTemplate.from_model_dir(folder)
+    if tpl.is_plain:
+        return None
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tpl.render(msgs, add_generation_prompt=True)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="model folder (default: the embedded stories260K model)")
+    p.add_argument("--model", metavar="DIR|NAME",
+                   help="model folder, or a known model name fetched on first use (inferos pull --list); "
+                   "default: the embedded stories260K model")
     p.add_argument(
         "--policy",
         metavar="FILE|PRESET",
@@ -34,6 +62,9 @@ def register(sub: Any) -> None:
     )
     g.add_argument("prompt", help="prompt text")
     _add_model_args(g)
+    g.add_argument("--chat", action="store_true",
+                   help="send PROMPT as a user message through the model's chat template (tokenizer_config.json)")
+    g.add_argument("--system", metavar="TEXT", default=None, help="system message for --chat")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="generated-token limit (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -56,18 +87,6 @@ def register(sub: Any) -> None:
     d.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), metavar="N", help="how many demo prompts")
     d.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     d.set_defaults(func=cmd_demo)
-
-    c = sub.add_parser(
-        "convert",
-        help="convert a checkpoint into a model folder (ONNX decoder + genai_config + tokenizer)",
-        description="Convert a llama2.c checkpoint and tokenizer into a model folder that inferos, "
-        "onnxruntime-genai and Hugging Face AutoTokenizer can load.",
-    )
-    c.add_argument("format", choices=["llama2c"], help="checkpoint format")
-    c.add_argument("checkpoint", help="llama2.c .bin checkpoint")
-    c.add_argument("tokenizer", help="llama2.c tokenizer .bin")
-    c.add_argument("out_dir", help="output model folder")
-    c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser(
         "eval",
@@ -122,10 +141,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if not args.json:
+    prompt = args.prompt
+    if args.chat or args.system:
+        prompt = chat_prompt(eng.spec.folder, args.prompt, args.system)
+        if prompt is None:
+            return _fail(f"--chat: model {eng.spec.name!r} has no chat template (tokenizer_config.json chat_template)")
+    elif not args.json:
         sys.stdout.write(args.prompt)
     try:
-        res = eng.generate(args.prompt, cfg, on_token=None if args.json else stream, baseline=args.baseline)
+        res = eng.generate(prompt, cfg, on_token=None if args.json else stream, baseline=args.baseline)
     except ValueError as e:
         return _fail(str(e))
     if args.json:
@@ -148,13 +172,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # piped or logged: rich would wrap at 80 columns
         console = Console(width=110)
-    prompts = DEMO_PROMPTS[: max(1, args.prompts)]
-    with console.status("preparing the model (first run converts the embedded checkpoint)..."):
+    with console.status("preparing the model (the first run converts or fetches it)..."):
         try:
             eng = _engine(args)
-        except (PolicyError, ModelFolderError, ValueError) as e:
-            return _fail(str(e))
+        except (PolicyError, ModelFolderError, ValueError, KeyError) as e:
+            return _fail(str(e.args[0] if isinstance(e, KeyError) else e))
     eng.prefix_cache.set_max_bytes(0)  # like for like: both modes prefill every prompt in full
+    shown = prompts = DEMO_PROMPTS[: max(1, args.prompts)]
+    if chat_prompt(eng.spec.folder, "x") is not None:  # a chat model: questions through its template
+        qs = CHAT_DEMO[: max(1, args.prompts)]
+        shown = [q for q, _ in qs]
+        prompts = [chat_prompt(eng.spec.folder, f"{demo_passage()}\n\n{q}" if ctx else q) for q, ctx in qs]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     eng.generate(prompts[0], GenerationConfig(max_new_tokens=8), baseline=True)  # warm-up: sessions loaded
     eng.generate(prompts[0], GenerationConfig(max_new_tokens=8))
@@ -169,19 +197,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 progress.advance(task)
     for i, prompt in enumerate(prompts):
         b, o = rows[2 * i], rows[2 * i + 1]
-        console.rule(f"[bold]story {i + 1}")
-        console.print(f"[bold]{prompt}[/bold]{o['text']}")
+        if shown is prompts:
+            console.rule(f"[bold]story {i + 1}")
+            console.print(f"[bold]{prompt}[/bold]{o['text']}")
+        else:
+            console.rule(f"[bold]question {i + 1} ({o['stats'].prompt_tokens} prompt tokens)")
+            console.print(f"[bold]{shown[i]}[/bold]\n{o['text']}")
         same = _common_prefix_words(b["text"], o["text"])
         console.print(f"[dim](inferos output matches the baseline for the first {same} words)[/dim]")
     table = Table(title=f"baseline vs inferos: {eng.spec.name}, policy '{eng.policy.name}', {args.max_new_tokens} new tokens")
-    for col in ("#", "mode", "TTFT ms", "tok/s", "KV KiB", "KV/fp16", "prompt NLL", "L0/L1/L2/L3"):
+    for col in ("#", "mode", "tokens", "TTFT ms", "tok/s", "KV KiB", "KV/fp16", "prompt NLL", "L0/L1/L2/L3"):
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for i, r in enumerate(rows):
         st = r["stats"]
         kv = st.kv
         lv = kv.level_distribution
         table.add_row(
-            str(i // 2 + 1), r["mode"], f"{st.ttft_ms:.1f}", f"{st.decode_tps:.0f}",
+            str(i // 2 + 1), r["mode"], f"{st.prompt_tokens}+{st.generated_tokens}",
+            f"{st.ttft_ms:.1f}" if st.ttft_ms is not None else "-", f"{st.decode_tps:.0f}",
             f"{kv.total_bytes / 1024:.1f}", f"{kv.total_bytes / kv.fp16_bytes:.2f}" if kv.fp16_bytes else "-",
             f"{st.prompt_nll:.3f}" if st.prompt_nll is not None else "-",
             "/".join(str(lv.get(k, 0)) for k in ("L0", "L1", "L2", "L3")),
@@ -205,20 +238,6 @@ def _common_prefix_words(a: str, b: str) -> int:
             break
         n += 1
     return n
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .model.convert import convert_llama2c
-
-    for label, p in (("checkpoint", args.checkpoint), ("tokenizer", args.tokenizer)):
-        if not Path(p).is_file():
-            return _fail(f"{label} file {p!r} does not exist")
-    try:
-        out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, progress=lambda msg: print(msg, file=sys.stderr))
-    except ValueError as e:
-        return _fail(str(e))
-    print(out)
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

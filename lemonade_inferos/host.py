@@ -29,14 +29,21 @@ def host_plugin_manager(**kwargs: Any) -> InferosManager:
 
 
 def build_engine(model: str | Path | None = None, policy: str | Path | Policy | None = None, **kwargs: Any) -> Any:
-    """An :class:`~lemonade_inferos.engine.Engine` for ``model`` (None = embedded model) with
-    the host plugin manager and ``policy`` (preset name, file, Policy, or None = default).
+    """An :class:`~lemonade_inferos.engine.Engine` for ``model`` with the host plugin manager
+    and ``policy`` (preset name, file, Policy, or None = default).
+
+    ``model`` is a model folder, a known model name (``smollm2-135m-instruct``: fetched and
+    converted on first use, see :mod:`lemonade_inferos.model.registry`), or None (the
+    embedded stories260K model).
 
     Raises:
         PolicyError: the policy cannot be loaded.
-        ModelFolderError: the model folder is unusable.
+        ModelFolderError: the model folder is unusable, or ``model`` is neither a folder nor
+            a known model name.
     """
     from .engine import Engine
+    from .model.registry import resolve_model
 
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
-    return Engine(model, pm=kwargs.pop("pm", None) or host_plugin_manager(), policy=pol, **kwargs)
+    progress = kwargs.pop("progress", None)
+    return Engine(resolve_model(model, progress), pm=kwargs.pop("pm", None) or host_plugin_manager(), policy=pol, **kwargs)

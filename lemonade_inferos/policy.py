@@ -201,6 +201,10 @@ class RuntimePolicy(_Section):
     enable_cpu_mem_arena: bool = True
     arena_shrinkage: bool = Field(False, description="shrink the CPU arena after each request")
     log_severity: int = Field(3, ge=0, le=4, description="0 verbose .. 4 fatal")
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, le=65536,
+        description="prompt tokens per prefill run: attention scores of one run are [heads, chunk, "
+        "past + chunk], so a long prompt never materialises [heads, T, T]")
     session_config: dict[str, str] = Field(default_factory=dict, description="extra add_session_config_entry pairs")
 
 

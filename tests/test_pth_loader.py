@@ -2,7 +2,10 @@
 ``lemonade_inferos.integrations._pth_loader``) and the lazy import hook.
 
 The ``.pth`` is processed with ``site.addsitedir`` in a fresh subprocess, which is exactly
-what ``site`` does for every site-packages folder at interpreter start.
+what ``site`` does for every site-packages folder at interpreter start. The subprocess runs
+with ``-S`` (no automatic site-packages): an installed ``lemonade-inferos`` ships the same
+``.pth`` in site-packages (see ``tests/test_pth_wheel.py``), and letting it run at start-up
+would load the module before the probe looks.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def _run(code: str, env_extra: dict[str, str] | None = None) -> subprocess.Compl
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFEROS_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+    return subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=120, env=env, cwd=str(REPO))
 
 
@@ -168,3 +171,11 @@ def test_run_lemonade_without_lemonade_explains_install(monkeypatch, capsys, tmp
     err = capsys.readouterr().err
     assert "lemonade-server-dev" in err and f"--branch v{L.LEMONADE_VERSION}" in err
     assert 'pip install "./lemonade-src[oga-cpu]"' in err
+
+
+def test_module_help_explains_instead_of_running_lemonade(capsys):
+    from lemonade_inferos.integrations import lemonade as L
+
+    assert L.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "install-hook" in out and "ships the file" in out

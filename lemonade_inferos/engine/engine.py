@@ -10,6 +10,12 @@ One request::
     decode   : run(one id) per step (IOBinding)         -> logits, cache.update(...)
     hooks.after_request(context, stats)                 # PostRun (or on_request_error)
 
+Prefill runs in chunks of ``policy.runtime.prefill_chunk_tokens`` tokens (each run's
+attention scores are ``[heads, chunk, past + chunk]``, never ``[heads, T, T]``). The prompt's
+negative log-likelihood (a log-softmax over every prompt row) is not on the path to the first
+token: each chunk's rows are scored on a worker thread while the next chunk runs, and the
+result is collected after the first token was handed out.
+
 Timing: TTFT is taken when the first generated token is handed to the caller's ``on_token``
 callback (after prefill, sampling and detokenization), decode tokens/s over the remaining
 tokens, peak RSS from ``getrusage`` (process lifetime peak, bytes).
@@ -36,8 +42,9 @@ from ..ort_options import prime_run_options
 from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
 from ..types import InferenceContext, KVStats, RunStats
-from .prefix_cache import PrefixCache, prefix_cache_bytes_from_env
-from .sampling import GenerationConfig, log_softmax, select_token
+from .prefix_cache import PrefixCache, TailLogits, prefix_cache_bytes_from_env
+from .prompt_nll import PromptNLL
+from .sampling import GenerationConfig, select_token
 from .text import IncrementalDetokenizer, StopStream, TextCodec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -358,15 +365,13 @@ class Engine:
         reuse = self.prefix_cache.begin(ids, cache, budget_ppl=budget, max_kld=policy.quality.max_kld,
                                         enabled=context.cache_prompt and not stats.baseline)
         start = stats.cache_n = reuse.start
+        nll = PromptNLL(ids)
+        tail = self.prefix_cache.tail_logits(reuse, cache, nll)  # the last prompt rows, for its probe
         try:
             t_pre = time.perf_counter()
-            logits = self._run(sess, cache, np.array([ids[start:]], dtype=np.int64), start, ro, iob)
+            last = self._prefill(sess, cache, ids, start, ro, iob, policy.runtime.prefill_chunk_tokens, tail)
             stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
-            if len(ids) - start > 1:
-                lp = log_softmax(logits[:-1])
-                stats.prompt_nll = float(-lp[np.arange(len(ids) - start - 1), ids[start + 1:]].mean())
-            self.prefix_cache.after_prefill(reuse, cache, ids, logits)
-            last = logits[-1]
+            self.prefix_cache.after_prefill(reuse, cache, ids, tail.rows)
             pos = len(ids)
             step_ids = np.zeros((1, 1), dtype=np.int64)
             while True:
@@ -404,6 +409,7 @@ class Engine:
         finally:
             if deadline is not None:
                 deadline.timer.cancel()  # type: ignore[attr-defined]
+            stats.prompt_nll = nll.result()
         self._flush(stream, on_token, finish)
         stats.kv = cache.stats()
         stats.finish_reason = finish
@@ -416,6 +422,23 @@ class Engine:
             stats.notes.append(reuse.note)
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
+
+    def _prefill(self, sess: ort.InferenceSession, cache: KVCache, ids: list[int], start: int,
+                 ro: ort.RunOptions, iob: bool, chunk: int, nll: "PromptNLL | TailLogits | None" = None) -> np.ndarray:
+        """Run ``ids[start:]`` at positions ``start..`` in chunks of ``chunk`` tokens.
+
+        Returns the float32 ``[vocab]`` logits after the last token; hands each chunk's
+        logits rows to ``nll`` (scored off the critical path).
+        """
+        last = None
+        for s0 in range(start, len(ids), chunk):
+            piece = np.array([ids[s0:s0 + chunk]], dtype=np.int64)
+            logits = self._run(sess, cache, piece, s0, ro, iob)
+            if nll is not None:
+                nll.add(logits, s0)
+            last = logits[-1]
+        assert last is not None, "prefill of an empty range"
+        return last
 
     @staticmethod
     def _flush(stream: StopStream, on_token: OnToken | None, finish: str) -> None:

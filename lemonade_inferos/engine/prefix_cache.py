@@ -183,6 +183,25 @@ def probe_cost(snap: KVSnapshot, new_cache: KVCache, probe_ids: Sequence[int], f
     return ProbeCost(float(np.exp(min(nll_fresh, 50.0)) * np.expm1(kld)), kld, nll_probe - nll_fresh)
 
 
+class TailLogits:
+    """Stands in for the prefill's chunk consumer (``add(logits, start)``, e.g.
+    :class:`~lemonade_inferos.engine.prompt_nll.PromptNLL`): forwards every chunk to
+    ``inner`` and keeps a copy of the last ``keep`` logits rows (float32 ``[<= keep, vocab]``,
+    :attr:`rows`), which :meth:`PrefixCache.after_prefill` needs for the probe."""
+
+    def __init__(self, inner: object | None, keep: int):
+        self.inner, self.keep = inner, int(keep)
+        self.rows = np.zeros((0, 0), np.float32)
+
+    def add(self, logits: np.ndarray, start: int) -> None:
+        if self.inner is not None:
+            self.inner.add(logits, start)  # type: ignore[attr-defined]
+        if self.keep:
+            last = logits[-self.keep:]
+            self.rows = last.copy() if last.shape[0] >= self.keep or not self.rows.size else \
+                np.concatenate([self.rows, last])[-self.keep:]
+
+
 @dataclass(eq=False)
 class _Block:
     """``tokens`` consecutive tokens of a full-precision state (arrays read-only)."""
@@ -435,10 +454,18 @@ class PrefixCache:
         arrays = {name: np.concatenate(p, axis=2) for name, p in parts.items()}
         return KVSnapshot(key, n, arrays, token_axis=2)
 
+    def tail_logits(self, reuse: Reuse, cache: KVCache, inner: object | None) -> TailLogits:
+        """The prefill's chunk consumer for this request: ``inner`` plus, when
+        :meth:`after_prefill` may probe the state (a store with ``token_axis`` None), the
+        last ``probe_tokens`` logits rows."""
+        probe = reuse.enabled and self.enabled and cache.token_axis is None
+        return TailLogits(inner, self.probe_tokens if probe else 0)
+
     # -- after the prefill: the prompt's own state, and what the probe needs ----------------
     def after_prefill(self, reuse: Reuse, cache: KVCache, ids: Sequence[int], logits: np.ndarray) -> None:
         """Called right after the prefill of ``ids[reuse.start:]`` (``logits`` float
-        ``[len(ids) - start, vocab]``). For a store that cannot be cut back anywhere
+        ``[n, vocab]``: the last ``n`` prefill rows, at least ``min(probe_tokens, len(ids) -
+        start)`` of them, :class:`TailLogits`). For a store that cannot be cut back anywhere
         (``cache.token_axis is None``: the tiered store), keep the prompt's state (a cheap
         snapshot: L0 columns copied, tier arrays shared): the next turn of a chat can reuse
         it even when the re-rendered reply differs from the generated tokens early on (the

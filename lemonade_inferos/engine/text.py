@@ -28,9 +28,11 @@ class TextCodec:
         self.tok = Tokenizer.from_file(str(path))
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
-        """Token ids of ``text``; starts with BOS when ``bos`` (added once, never twice)."""
+        """Token ids of ``text``; starts with BOS when ``bos`` and the model's tokenizer adds
+        one (``add_bos_token``; added once, never twice). Special-token text such as
+        ``<|im_start|>`` in ``text`` becomes its special id (chat templates rely on it)."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        if bos and (not ids or ids[0] != self.spec.bos_token_id):
+        if bos and self.spec.add_bos_token and (not ids or ids[0] != self.spec.bos_token_id):
             ids = [self.spec.bos_token_id, *ids]
         return ids
 

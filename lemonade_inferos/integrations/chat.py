@@ -191,6 +191,15 @@ class ChatTemplate:
     def plain(cls) -> "ChatTemplate":
         return cls(PLAIN_TEMPLATE, "plain (built-in)")
 
+    @property
+    def is_plain(self) -> bool:
+        """True for the plain "User:/Assistant:" formats (the built-in fallback and the one
+        ``inferos convert llama2c`` writes for story models), False for a model's own chat
+        format (ChatML, Llama 3, ...)."""
+        from ..model.tokenizer import CHAT_TEMPLATE as LLAMA2C_TEMPLATE
+
+        return self.source in (PLAIN_TEMPLATE, LLAMA2C_TEMPLATE)
+
     def render(self, messages: Any, *, add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The prompt text for ``messages`` (validated with :func:`normalize_messages`).
 

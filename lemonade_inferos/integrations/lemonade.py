@@ -20,7 +20,8 @@ Lemonade has no plugin mechanism, so the integration wraps
 Activation (any of):
 
 * ``INFEROS_ENABLED=1`` in the environment of a Lemonade process whose site-packages holds
-  ``lemonade_inferos.pth`` (see :func:`install_pth`); the ``.pth`` runs
+  ``lemonade_inferos.pth`` (the wheel ships it, so ``pip install lemonade-inferos`` puts it
+  there; :func:`install_pth` writes it for other layouts); the ``.pth`` runs
   :mod:`._pth_loader`, which installs :func:`install_import_hook`;
 * :func:`run_lemonade` (``inferos lemonade serve ...``), which sets ``INFEROS_ENABLED=1`` and
   runs ``lemonade-server-dev``;
@@ -77,11 +78,10 @@ It is not on the package index; install it from source into its own environment:
     git clone --branch v{LEMONADE_VERSION} --depth 1 https://github.com/lemonade-sdk/lemonade.git lemonade-src
     python3.11 -m venv lemonade-venv
     lemonade-venv/bin/pip install "./lemonade-src[oga-cpu]"
-    lemonade-venv/bin/pip install --no-deps -e <path to lemonade-inferos>
-    lemonade-venv/bin/pip install pluggy rich prometheus_client
-    lemonade-venv/bin/python -m lemonade_inferos.integrations.lemonade install-hook
+    lemonade-venv/bin/pip install lemonade-inferos   # or the path of a checkout or wheel
 
-then point inferos at it with INFEROS_LEMONADE_PYTHON=lemonade-venv/bin/python
+(the lemonade-inferos wheel ships the start-up hook lemonade_inferos.pth, so no further
+step is needed), then point inferos at it with INFEROS_LEMONADE_PYTHON=lemonade-venv/bin/python
 (or put lemonade-venv/bin on PATH)."""
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
@@ -620,9 +620,9 @@ def install_pth(python: str | None = None) -> Path:
                            env={**os.environ, "INFEROS_ENABLED": "0"})
     if probe.returncode != 0:
         raise RuntimeError(
-            f"{python} cannot import lemonade_inferos; install it there first: "
-            f"{python} -m pip install --no-deps -e <path to lemonade-inferos> "
-            f"(plus pluggy, rich, prometheus_client)\n{probe.stderr.strip()[-500:]}")
+            f"{python} cannot import lemonade_inferos; install it there instead (its wheel ships "
+            f"the hook, so install-hook is then not needed): {python} -m pip install "
+            f"<lemonade-inferos, or a checkout's path>\n{probe.stderr.strip()[-500:]}")
     target = site_packages(python) / PTH_FILENAME
     try:
         target.write_text(PTH_LINE, encoding="utf-8")
@@ -653,8 +653,10 @@ def run_lemonade(argv: list[str]) -> int:
     python = _python_of(exe)
     if python and not hook_installed(python):
         print(f"inferos: the lemonade-inferos hook is not installed in {python}, so Lemonade would "
-              f"run without it. Install it with:\n    {python} -m lemonade_inferos.integrations.lemonade "
-              "install-hook", file=sys.stderr)
+              f"run without it. Install lemonade-inferos there (its wheel ships the hook):\n"
+              f"    {python} -m pip install <lemonade-inferos, or a checkout's path>\n"
+              f"or, if lemonade_inferos is importable there without being installed:\n"
+              f"    {python} -m lemonade_inferos.integrations.lemonade install-hook", file=sys.stderr)
         return 2
     env = {**os.environ, "INFEROS_ENABLED": "1"}
     proc = subprocess.Popen([str(exe), *argv], env=env)
@@ -666,8 +668,17 @@ def run_lemonade(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lemonade_inferos.integrations.lemonade install-hook [--python P] | serve ...``."""
+    """``python -m lemonade_inferos.integrations.lemonade install-hook [--python P] | serve ...``.
+
+    ``install-hook`` writes ``lemonade_inferos.pth`` into the site-packages of ``P`` (default:
+    this interpreter); only needed where lemonade-inferos is not pip-installed, since its
+    wheel ships the file. Any other arguments run ``lemonade-server-dev`` with
+    ``INFEROS_ENABLED=1``.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]):
+        print(inspect.cleandoc(main.__doc__ or ""))
+        return 0
     if args[:1] == ["install-hook"]:
         python = args[args.index("--python") + 1] if "--python" in args else None
         try:

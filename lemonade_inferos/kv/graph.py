@@ -81,10 +81,11 @@ so a prefill holds at most one layer's ``[H, S, T]`` probabilities at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -435,9 +436,9 @@ def _flatten_concats(graph: onnx.GraphProto) -> None:
 
 
 def build_tiered_decoder(weights, layout: GraphLayout | None = None, **kw) -> onnx.ModelProto:
-    """The tiered decoder ``ModelProto`` for llama2.c ``weights`` (see module docstring)."""
+    """The tiered decoder ``ModelProto`` for ``weights`` (:class:`DecoderWeights`; see module docstring)."""
     check = kw.pop("check", True)
-    m = build_decoder(weights, TieredKVAdapter(layout or GraphLayout()), name="llama2c_decoder_tiered",
+    m = build_decoder(weights, TieredKVAdapter(layout or GraphLayout()), name="decoder_tiered",
                       check=False, **kw)
     _flatten_concats(m.graph)
     c = (layout or GraphLayout(), weights.config)
@@ -448,7 +449,9 @@ def build_tiered_decoder(weights, layout: GraphLayout | None = None, **kw) -> on
 
 
 def write_tiered_graph(weights_or_checkpoint, out_dir: str | Path,
-                       layouts: list[GraphLayout] | None = None) -> list[Path]:
+                       layouts: list[GraphLayout] | None = None,
+                       transform: "Callable[[onnx.ModelProto], onnx.ModelProto] | None" = None,
+                       fold_norms: bool = True) -> list[Path]:
     """Write ``model_tiered.onnx`` (and the baseline-scheme variants) into ``out_dir``.
 
     The converter calls ``write_tiered_graph(weights, folder)`` after writing
@@ -461,6 +464,8 @@ def write_tiered_graph(weights_or_checkpoint, out_dir: str | Path,
             the path of a llama2.c ``.bin`` checkpoint.
         out_dir: the model folder (must exist).
         layouts: graph layouts to write; default ``[GraphLayout()]``.
+        transform: applied to each built graph before saving (e.g. the converter's weight
+            precision, :func:`lemonade_inferos.model.precision.apply_weight_precision`).
 
     Returns:
         paths written.
@@ -480,7 +485,10 @@ def write_tiered_graph(weights_or_checkpoint, out_dir: str | Path,
     for lay in layouts or [GraphLayout()]:
         p = out / lay.file_name()
         tmp = p.with_suffix(".onnx.tmp")
-        onnx.save_model(build_tiered_decoder(w, lay), str(tmp))
+        m = build_tiered_decoder(w, lay, fold_norms=fold_norms)
+        if transform is not None:
+            m = transform(m)
+        _save(m, tmp)
         tmp.replace(p)
         paths.append(p)
     return paths
@@ -548,9 +556,15 @@ def ensure_graph(folder: str | Path, layout: GraphLayout) -> Path:
     g.initializer.extend(inits)
     onnx.checker.check_model(m, full_check=True)
     tmp = p.with_suffix(".onnx.tmp")
-    onnx.save_model(m, str(tmp))
+    _save(m, tmp)
     tmp.replace(p)
     return p
+
+
+def _save(m: onnx.ModelProto, path: Path) -> None:
+    from ..model.export import save_model
+
+    save_model(m, path)
 
 
 __all__ = [

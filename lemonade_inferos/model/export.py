@@ -1,7 +1,10 @@
-"""Build an ONNX decoder graph (opset 21, standard ops only) from llama2.c weights.
+"""Build an ONNX decoder graph (opset 21, standard ops only) from :class:`DecoderWeights`.
 
 The graph computes exactly :func:`lemonade_inferos.model.reference.forward` (llama2.c
-``run.c`` semantics) for a batch of sequences with an explicit KV cache. Where the past
+``run.c`` semantics, generalised to any Llama-family config: RoPE base, RMSNorm epsilon,
+head size, QKV biases, tied classifier) for a batch of sequences with an explicit KV cache.
+Weights may afterwards be stored as int4/int8 ``MatMulNBits`` or float16
+(:mod:`lemonade_inferos.model.precision`). Where the past
 K/V come from, and which cache tensors the graph returns, is delegated to a
 :class:`KVGraphAdapter`, so the same transformer code builds
 
@@ -25,10 +28,14 @@ Design for low per-op overhead at batch 1 (each layer is ~40 small ops):
 * RMSNorm weights, the ``1/sqrt(head_dim)`` attention scale and the ``sqrt(dim)`` of
   the RMS are folded into the following MatMul weights; RMSNorm is ``ReduceSumSquare``,
   ``Add``, ``Sqrt``, ``Div``.
-* RoPE is linear: ``rope(x) = x * cos + (x @ P) * sin`` with ``P`` the signed pair swap,
-  so one MatMul yields ``[q | k | v]`` and a second ``[qP | kP | 0]``; cos/sin tables are
-  initializers ``[context, width]`` gathered once by ``position_ids`` and shared by all
-  layers (v columns have cos 1, sin 0).
+* RoPE is linear: ``rope(x) = x * cos + swap(x) * sin_signed`` where ``swap`` exchanges the
+  two elements of every pair (one ``Gather`` along the last axis) and the pair sign
+  ``(-1, +1)`` is folded into the sin table; one MatMul (plus bias) yields ``[q | k | v]``.
+  cos/sin tables are initializers gathered once by ``position_ids`` and shared by all
+  layers. Small models use *wide* tables ``[context, (H+2KV)*D]`` (v columns cos 1, sin 0)
+  applied to the whole projection (fewest nodes); when the wide tables would pass
+  :data:`WIDE_ROPE_TABLE_BYTES` (SmolLM2 at 8K context: 63 MB) the tables are
+  ``[context, D]`` and q|k is viewed as ``[B, S, H+KV, D]`` for the rotation.
 * Grouped-query attention without copying K/V: queries are reshaped to
   ``[batch, kv_heads, group, seq, head_dim]`` and broadcast-MatMul'd against
   ``[batch, kv_heads, 1, head_dim, total]`` keys (query head ``h`` reads KV head
@@ -49,7 +56,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .llama2c import RMS_EPS, ROPE_THETA, Llama2cConfig, Llama2cWeights
+from .weights import DecoderConfig as Llama2cConfig, DecoderWeights as Llama2cWeights
 
 OPSET = 21
 #: IR 10 is what opset 21 introduced; readable by onnxruntime >= 1.18 (so also by the ORT
@@ -308,47 +315,64 @@ class StandardKVAdapter:
 # --------------------------------------------------------------------------- weights
 def rope_tables(config: Llama2cConfig, context_length: int | None = None,
                 v_columns: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables ``[context, width]`` float32 for the fused q|k(|v) projection.
+    """cos and signed-sin tables ``[context, width]`` float32 for the fused q|k|v projection.
 
     Column ``c`` of a head of size D belongs to pair ``m = (c % D) // 2`` with angle
-    ``pos * 10000^(-2m/D)`` (llama2.c). ``width = (H + KV) * D + v_columns``; the
-    trailing ``v_columns`` columns have cos 1 and sin 0 (pass-through).
+    ``pos * theta^(-2m/D)`` (llama2.c; ``theta = config.rope_theta``). The sin table carries
+    the pair's sign: ``-sin`` on even columns, ``+sin`` on odd ones, so that
+    ``x * cos + x[pair_swap] * sin_signed`` is the rotation. ``width = (H + KV) * D +
+    v_columns``; the trailing ``v_columns`` columns have cos 1 and sin 0 (pass-through).
     """
     n = context_length or config.seq_len
     d = config.head_size
-    inv = ROPE_THETA ** (-(2.0 * np.arange(d // 2)) / d)  # [D/2]
+    inv = float(config.rope_theta) ** (-(2.0 * np.arange(d // 2)) / d)  # [D/2]
     ang = np.arange(n, dtype=np.float64)[:, None] * np.repeat(inv, 2)[None, :]  # [n, D]
+    sign = np.tile([-1.0, 1.0], d // 2)[None, :]
     heads = config.n_heads + config.n_kv_heads
     cos = np.concatenate([np.tile(np.cos(ang), (1, heads)), np.ones((n, v_columns))], axis=1)
-    sin = np.concatenate([np.tile(np.sin(ang), (1, heads)), np.zeros((n, v_columns))], axis=1)
+    sin = np.concatenate([np.tile(np.sin(ang) * sign, (1, heads)), np.zeros((n, v_columns))], axis=1)
     return cos.astype(np.float32), sin.astype(np.float32)
 
 
-def _pair_swap(width: int) -> np.ndarray:
-    """Signed permutation P with ``(x @ P)[2m] = -x[2m+1]``, ``(x @ P)[2m+1] = x[2m]``."""
-    p = np.zeros((width, width), dtype=np.float64)
-    idx = np.arange(0, width, 2)
-    p[idx + 1, idx] = -1.0
-    p[idx, idx + 1] = 1.0
-    return p
+#: wide RoPE tables (see the module docstring) up to this many bytes for cos + sin.
+WIDE_ROPE_TABLE_BYTES = 16 << 20
 
 
-def _layer_matrices(w: Llama2cWeights, layer: int) -> dict[str, np.ndarray]:
-    """Folded float32 matrices ``[in, out]`` of one layer (computed in float64)."""
+def pair_swap_index(width: int) -> np.ndarray:
+    """int64 ``[width]`` column indices exchanging the elements of every pair (2m <-> 2m+1)."""
+    idx = np.arange(width, dtype=np.int64)
+    return idx ^ 1
+
+
+def _layer_matrices(w: Llama2cWeights, layer: int, fold_norms: bool = True) -> dict[str, np.ndarray]:
+    """Float32 matrices ``[in, out]`` of one layer (computed in float64).
+
+    With ``fold_norms`` the RMSNorm weights (times ``sqrt(dim)``) scale the matrices' input
+    rows; without, they are returned as ``attn_norm``/``ffn_norm`` vectors for a ``Mul`` in
+    the graph, so the matrices keep the source's block structure for weight quantization
+    (a row scale inside a block of 32 inputs would spoil the blocks).
+    """
     c = w.config
     f64 = np.float64
     rms_scale = np.sqrt(c.dim)  # graph computes x / sqrt(sum(x^2) + dim*eps)
     att = w.rms_att[layer].astype(f64) * rms_scale
     ffn = w.rms_ffn[layer].astype(f64) * rms_scale
+    norms = {}
+    if not fold_norms:
+        norms = {"attn_norm": att.astype(np.float32), "ffn_norm": ffn.astype(np.float32)}
+        att = ffn = np.ones_like(att)
     wq = w.wq[layer].astype(f64).T / np.sqrt(c.head_size)  # [dim, H*D]
     wk = w.wk[layer].astype(f64).T
     wv = w.wv[layer].astype(f64).T
-    qk = att[:, None] * np.concatenate([wq, wk], axis=1)  # [dim, (H+KV)*D]
-    qkv = np.concatenate([qk, att[:, None] * wv], axis=1)
-    qk_rot = np.concatenate([qk @ _pair_swap(qk.shape[1]), np.zeros_like(wv)], axis=1)
+    qkv = att[:, None] * np.concatenate([wq, wk, wv], axis=1)  # [dim, (H+2KV)*D]
+    out = {}
+    if w.bq is not None:  # biases follow the same scaling as their columns (q: 1/sqrt(D))
+        out["qkv_bias"] = np.concatenate([w.bq[layer].astype(f64) / np.sqrt(c.head_size),
+                                          w.bk[layer], w.bv[layer]]).astype(np.float32)
     return {
+        **out,
+        **norms,
         "qkv": qkv.astype(np.float32),
-        "qkv_rot": qk_rot.astype(np.float32),
         "wo": w.wo[layer].T.astype(np.float32),  # [H*D, dim]
         "w1": (ffn[:, None] * w.w1[layer].astype(f64).T).astype(np.float32),  # [dim, hidden]
         "w3": (ffn[:, None] * w.w3[layer].astype(f64).T).astype(np.float32),
@@ -361,7 +385,7 @@ def _rms(b: GraphBuilder, x: str, hint: str) -> str:
     """x / sqrt(sum(x^2) + dim*eps) over the last axis (weights and sqrt(dim) folded)."""
     dim = b.config.dim
     ss = b.node("ReduceSumSquare", [x, b.const_i64([-1], "axes_last")], f"{hint}/ss", keepdims=1)
-    ss = b.node("Add", [ss, b.const_f32(dim * RMS_EPS, "rms_eps")], f"{hint}/ss_eps")
+    ss = b.node("Add", [ss, b.const_f32(dim * b.config.rms_eps, "rms_eps")], f"{hint}/ss_eps")
     return b.node("Div", [x, b.node("Sqrt", [ss], f"{hint}/rms")], f"{hint}/normed")
 
 
@@ -384,17 +408,20 @@ def _mask(b: GraphBuilder, attention_mask: str, past_len: str, seq_len: str) -> 
 
 
 def build_decoder(weights: Llama2cWeights, adapter: KVGraphAdapter | None = None, *,
-                  context_length: int | None = None, name: str = "llama2c_decoder",
-                  check: bool = True) -> onnx.ModelProto:
+                  context_length: int | None = None, name: str = "decoder",
+                  check: bool = True, fold_norms: bool = True) -> onnx.ModelProto:
     """Build the decoder graph for ``weights``.
 
     Args:
-        weights: a loaded llama2.c checkpoint.
+        weights: a loaded checkpoint (llama2.c, GGUF or Hugging Face).
         adapter: KV-cache I/O; default :class:`StandardKVAdapter` (``model.onnx``).
         context_length: rows of the RoPE tables (max position + 1); default
             ``config.seq_len``. Positions beyond it make ORT fail in ``Gather``.
         name: graph name.
         check: run ``onnx.checker.check_model(full_check=True)``.
+        fold_norms: fold RMSNorm weights into the following matrices (fewest nodes; for
+            float weights). Converters pass False for int4/int8 weights (see
+            :func:`_layer_matrices`).
 
     Returns:
         the ``onnx.ModelProto`` (weights embedded; ~1 MB per 260K parameters).
@@ -422,9 +449,17 @@ def build_decoder(weights: Llama2cWeights, adapter: KVGraphAdapter | None = None
     b.shared.update(past_len_1d=past_len, seq_len_1d=seq_len, total_len_1d=total_len, batch_1d=batch)
 
     mask = _mask(b, attention_mask, past_len, seq_len)
-    cos_t, sin_t = rope_tables(c, context_length, v_columns=KV * D)
+    ctx_rows = context_length or c.seq_len
+    wide = ctx_rows * (H + 2 * KV) * D * 8 <= WIDE_ROPE_TABLE_BYTES
+    if wide:
+        cos_t, sin_t = rope_tables(c, context_length, v_columns=KV * D)
+    else:  # one head's tables [ctx, D], broadcast over the heads as [B, S, 1, D]
+        cos_t, sin_t = (t[:, :D] for t in rope_tables(c, context_length))
     cos = b.node("Gather", [b.initializer("rope_cos", cos_t), position_ids], "rope/cos", axis=0)
     sin = b.node("Gather", [b.initializer("rope_sin", sin_t), position_ids], "rope/sin", axis=0)
+    if not wide:
+        cos = b.node("Unsqueeze", [cos, b.const_i64([2], "axis2")], "rope/cos4")
+        sin = b.node("Unsqueeze", [sin, b.const_i64([2], "axis2")], "rope/sin4")
     # [B, H, S, T] view of the [B, KV, G, S, T] probabilities, only used by adapters
     probs_shape = b.node("Concat", [batch, b.const_i64([H], "n_heads"), seq_len, total_len],
                          "probs_shape", axis=0)
@@ -432,16 +467,35 @@ def build_decoder(weights: Llama2cWeights, adapter: KVGraphAdapter | None = None
     x = b.node("Gather", [b.initializer("token_embedding", weights.token_embedding), input_ids],
                "embed", axis=0)  # [B, S, dim]
     q_split = b.const_i64([H * D, KV * D, KV * D], "qkv_split")
+    swap = b.initializer("rope_pair_swap", pair_swap_index((H + 2 * KV) * D if wide else D))
+    qk_v_split = b.const_i64([(H + KV) * D, KV * D], "qk_v_split")
+    qk4_shape = b.const_i64([0, 0, H + KV, D], "qk4_shape")
+    qk_flat = b.const_i64([0, 0, (H + KV) * D], "qk_flat_shape")
+    q_k_split = b.const_i64([H * D, KV * D], "q_k_split")
     for i in range(c.n_layers):
-        m = _layer_matrices(weights, i)
+        m = _layer_matrices(weights, i, fold_norms)
         p = f"layers.{i}"
         h = _rms(b, x, f"{p}/attn_norm")
+        if not fold_norms:
+            h = b.node("Mul", [h, b.initializer(f"{p}.attn_norm", m["attn_norm"])], f"{p}/attn_normed")
         main = b.node("MatMul", [h, b.initializer(f"{p}.qkv", m["qkv"])], f"{p}/qkv")
-        rot = b.node("MatMul", [h, b.initializer(f"{p}.qkv_rot", m["qkv_rot"])], f"{p}/qkv_rot")
-        main = b.node("Mul", [main, cos], f"{p}/rope_cos")
-        rot = b.node("Mul", [rot, sin], f"{p}/rope_sin")
-        qkv = b.node("Add", [main, rot], f"{p}/qkv_roped")
-        q, k, v = b.node("Split", [qkv, q_split], f"{p}/split", num_outputs=3, axis=-1)
+        if "qkv_bias" in m:
+            main = b.node("Add", [main, b.initializer(f"{p}.qkv_bias", m["qkv_bias"])], f"{p}/qkv_biased")
+        if wide:
+            rot = b.node("Gather", [main, swap], f"{p}/qkv_swapped", axis=-1)
+            main = b.node("Mul", [main, cos], f"{p}/rope_cos")
+            rot = b.node("Mul", [rot, sin], f"{p}/rope_sin")
+            qkv = b.node("Add", [main, rot], f"{p}/qkv_roped")
+            q, k, v = b.node("Split", [qkv, q_split], f"{p}/split", num_outputs=3, axis=-1)
+        else:
+            qk, v = b.node("Split", [main, qk_v_split], f"{p}/split_v", num_outputs=2, axis=-1)
+            qk = b.node("Reshape", [qk, qk4_shape], f"{p}/qk4")
+            rot = b.node("Gather", [qk, swap], f"{p}/qk_swapped", axis=-1)
+            qk = b.node("Mul", [qk, cos], f"{p}/rope_cos")
+            rot = b.node("Mul", [rot, sin], f"{p}/rope_sin")
+            qk = b.node("Add", [qk, rot], f"{p}/qk_roped")
+            qk = b.node("Reshape", [qk, qk_flat], f"{p}/qk_roped_flat")
+            q, k = b.node("Split", [qk, q_k_split], f"{p}/split", num_outputs=2, axis=-1)
         # q: [B,S,H*D] -> [B,KV,G,S,D]
         q = b.node("Reshape", [q, b.const_i64([0, 0, KV, G, D], "q5_shape")], f"{p}/q5")
         q = b.node("Transpose", [q], f"{p}/q", perm=[0, 2, 3, 1, 4])
@@ -494,6 +548,8 @@ def build_decoder(weights: Llama2cWeights, adapter: KVGraphAdapter | None = None
         adapter.emit_outputs(b, i, k_new, v_new, k_all, v_all, probs4)
         # feed-forward: w2(silu(w1 x) * w3 x)
         h = _rms(b, x, f"{p}/ffn_norm")
+        if not fold_norms:
+            h = b.node("Mul", [h, b.initializer(f"{p}.ffn_norm", m["ffn_norm"])], f"{p}/ffn_normed")
         g = b.node("MatMul", [h, b.initializer(f"{p}.w1", m["w1"])], f"{p}/w1")
         u = b.node("MatMul", [h, b.initializer(f"{p}.w3", m["w3"])], f"{p}/w3")
         g = b.node("Mul", [g, b.node("Sigmoid", [g], f"{p}/sigmoid")], f"{p}/silu")
@@ -502,10 +558,35 @@ def build_decoder(weights: Llama2cWeights, adapter: KVGraphAdapter | None = None
         x = b.node("Add", [x, f], f"{p}/resid_ffn")
 
     h = _rms(b, x, "final_norm")
-    wcls = (weights.rms_final.astype(np.float64)[:, None] * np.sqrt(c.dim)
-            * weights.wcls.astype(np.float64).T).astype(np.float32)  # [dim, vocab]
+    final = weights.rms_final.astype(np.float64) * np.sqrt(c.dim)
+    if fold_norms:
+        wcls = (final[:, None] * weights.wcls.astype(np.float64).T).astype(np.float32)  # [dim, vocab]
+    else:
+        h = b.node("Mul", [h, b.initializer("final_norm", final.astype(np.float32))], "final_normed")
+        wcls = np.ascontiguousarray(weights.wcls.T, dtype=np.float32)
     logits = b.node("MatMul", [h, b.initializer("lm_head", wcls)], "logits_tmp")
     b.rename(logits, "logits")
     # logits first, then the adapter's outputs in declaration order
     b.outputs.insert(0, helper.make_tensor_value_info("logits", FLOAT, [BATCH, SEQ, c.vocab_size]))
     return b.make_model(check=check)
+
+
+#: models whose serialized size passes this are saved with external data (protobuf's 2 GB
+#: limit, with margin).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def save_model(model: onnx.ModelProto, path) -> None:
+    """Save ``model`` to ``path``; weights go to ``<name>.data`` beside it when the model
+    would pass :data:`EXTERNAL_DATA_BYTES` (the ONNX external-data format onnxruntime and
+    onnxruntime-genai read)."""
+    from pathlib import Path
+
+    path = Path(path)
+    big = model.ByteSize() > EXTERNAL_DATA_BYTES
+    if big:
+        name = path.name.replace(".tmp", "") + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))

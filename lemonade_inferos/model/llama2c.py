@@ -19,10 +19,11 @@ Format (karpathy/llama2.c ``run.c``: ``read_checkpoint`` / ``memory_map_weights`
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .weights import DecoderConfig, DecoderWeights
 
 HEADER_FORMAT = "<7i"
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)  # 28
@@ -33,55 +34,10 @@ RMS_EPS = 1e-5
 ROPE_THETA = 10000.0
 
 
-@dataclass(frozen=True)
-class Llama2cConfig:
-    """Header of a llama2.c checkpoint (all sizes in elements / tokens)."""
-
-    dim: int
-    hidden_dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    seq_len: int
-    shared_classifier: bool = True
-
-    @property
-    def head_size(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_size
-
-    @property
-    def kv_mul(self) -> int:
-        """Query heads per KV head (grouped-query attention factor)."""
-        return self.n_heads // self.n_kv_heads
-
-
-@dataclass(frozen=True, eq=False)
-class Llama2cWeights:
-    """All weights of a llama2.c model as float32 numpy arrays (matrices ``[out, in]``).
-
-    ``wcls`` is the classifier ``[vocab, dim]``; it is the same array object as
-    ``token_embedding`` when the checkpoint shares them.
-    """
-
-    config: Llama2cConfig
-    token_embedding: np.ndarray  # [vocab, dim]
-    rms_att: np.ndarray  # [L, dim]
-    wq: np.ndarray  # [L, n_heads*hs, dim]
-    wk: np.ndarray  # [L, n_kv_heads*hs, dim]
-    wv: np.ndarray  # [L, n_kv_heads*hs, dim]
-    wo: np.ndarray  # [L, dim, n_heads*hs]
-    rms_ffn: np.ndarray  # [L, dim]
-    w1: np.ndarray  # [L, hidden, dim]
-    w2: np.ndarray  # [L, dim, hidden]
-    w3: np.ndarray  # [L, hidden, dim]
-    rms_final: np.ndarray  # [dim]
-    wcls: np.ndarray  # [vocab, dim]
-    source: Path | None = None
+#: llama2.c checkpoints are :class:`DecoderConfig` / :class:`DecoderWeights` with llama2.c's
+#: RoPE base and RMSNorm epsilon (the defaults); the names stay for readability.
+Llama2cConfig = DecoderConfig
+Llama2cWeights = DecoderWeights
 
 
 def _validate_config(path: Path, cfg: Llama2cConfig) -> None:

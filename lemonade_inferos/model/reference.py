@@ -1,11 +1,13 @@
-"""Pure-numpy reference forward pass of a llama2.c model, with a KV cache.
+"""Pure-numpy reference forward pass of a Llama-family decoder, with a KV cache.
 
 Ground truth for the ONNX export tests. It follows karpathy/llama2.c ``run.c``
 ``forward()`` step for step, but processes a chunk of tokens at once with a causal mask:
 
-* RMSNorm ``x * w / sqrt(mean(x^2) + 1e-5)``;
+* RMSNorm ``x * w / sqrt(mean(x^2) + eps)`` (``config.rms_eps``);
+* q/k/v projections plus the QKV biases when the weights have them (Qwen2);
 * RoPE on interleaved pairs ``(x[2i], x[2i+1])`` of every head with angle
-  ``pos * 10000^(-2i/head_size)``, applied to q and k; k is cached *after* RoPE;
+  ``pos * theta^(-2i/head_size)`` (``config.rope_theta``), applied to q and k; k is cached
+  *after* RoPE;
 * grouped-query attention: query head ``h`` reads KV head ``h // (n_heads/n_kv_heads)``;
 * SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``; shared or separate classifier.
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .llama2c import RMS_EPS, ROPE_THETA, Llama2cWeights
+from .weights import DecoderWeights as Llama2cWeights
 
 
 @dataclass
@@ -42,17 +44,18 @@ class ReferenceCache:
         return self.keys[0].shape[1] if self.keys else 0
 
 
-def rope_interleaved(x: np.ndarray, positions: np.ndarray, head_size: int) -> np.ndarray:
+def rope_interleaved(x: np.ndarray, positions: np.ndarray, head_size: int, theta: float = 10000.0) -> np.ndarray:
     """Rotate interleaved pairs as llama2.c does.
 
     Args:
         x: ``[heads, seq, head_size]``.
         positions: int ``[seq]`` absolute positions.
+        theta: RoPE base.
     Returns:
         array of the same shape and dtype.
     """
     half = head_size // 2
-    inv = ROPE_THETA ** (-(2.0 * np.arange(half)) / head_size)  # [half]
+    inv = float(theta) ** (-(2.0 * np.arange(half)) / head_size)  # [half]
     ang = positions.astype(np.float64)[:, None] * inv[None, :]  # [seq, half]
     cos, sin = np.cos(ang).astype(x.dtype), np.sin(ang).astype(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]
@@ -62,8 +65,8 @@ def rope_interleaved(x: np.ndarray, positions: np.ndarray, head_size: int) -> np
     return out
 
 
-def _rmsnorm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) * w
+def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
 def forward(
@@ -105,15 +108,19 @@ def forward(
     # causal mask over all total positions: query i (abs pos+i) sees key j iff j <= pos+i
     mask = np.arange(total)[None, :] <= positions[:, None]  # [n, total]
     for layer in range(c.n_layers):
-        h = _rmsnorm(x, weights.rms_att[layer].astype(dtype))
+        h = _rmsnorm(x, weights.rms_att[layer].astype(dtype), c.rms_eps)
         q = h @ weights.wq[layer].T.astype(dtype)  # [n, H*hs]
         k = h @ weights.wk[layer].T.astype(dtype)
         v = h @ weights.wv[layer].T.astype(dtype)
+        if weights.bq is not None:
+            q = q + weights.bq[layer].astype(dtype)
+            k = k + weights.bk[layer].astype(dtype)
+            v = v + weights.bv[layer].astype(dtype)
         q = q.reshape(n, H, hs).transpose(1, 0, 2)  # [H, n, hs]
         k = k.reshape(n, KV, hs).transpose(1, 0, 2)
         v = v.reshape(n, KV, hs).transpose(1, 0, 2)
-        q = rope_interleaved(q, positions, hs)
-        k = rope_interleaved(k, positions, hs)
+        q = rope_interleaved(q, positions, hs, c.rope_theta)
+        k = rope_interleaved(k, positions, hs, c.rope_theta)
         K = np.concatenate([cache.keys[layer].astype(dtype), k], axis=1)  # [KV, total, hs]
         V = np.concatenate([cache.values[layer].astype(dtype), v], axis=1)
         cache.keys[layer], cache.values[layer] = K, V
@@ -126,11 +133,11 @@ def forward(
         p /= p.sum(axis=-1, keepdims=True)
         o = (p @ Vr).transpose(1, 0, 2).reshape(n, H * hs)
         x = x + o @ weights.wo[layer].T.astype(dtype)
-        h = _rmsnorm(x, weights.rms_ffn[layer].astype(dtype))
+        h = _rmsnorm(x, weights.rms_ffn[layer].astype(dtype), c.rms_eps)
         a = h @ weights.w1[layer].T.astype(dtype)
         b = h @ weights.w3[layer].T.astype(dtype)
         x = x + ((a / (1.0 + np.exp(-a))) * b) @ weights.w2[layer].T.astype(dtype)
-    x = _rmsnorm(x, weights.rms_final.astype(dtype))
+    x = _rmsnorm(x, weights.rms_final.astype(dtype), c.rms_eps)
     return x @ weights.wcls.T.astype(dtype)
 
 

@@ -45,6 +45,9 @@ class DecoderSpec:
     present_key_name: str = "present.%d.key"
     present_value_name: str = "present.%d.value"
     name: str = ""
+    #: plain prompts start with BOS (``tokenizer_config.json`` ``add_bos_token``; SmolLM2
+    #: and Qwen2 say false, Llama and llama2.c true; absent = true)
+    add_bos_token: bool = True
 
     @property
     def model_path(self) -> Path:
@@ -101,8 +104,18 @@ class DecoderSpec:
                 present_key_name=outputs.get("present_key_names", "present.%d.key"),
                 present_value_name=outputs.get("present_value_names", "present.%d.value"),
                 name=folder.name,
+                add_bos_token=_add_bos(folder),
             )
         except KeyError as e:
             raise ModelFolderError(f"{cfg_path}: missing field {e.args[0]!r}") from None
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ModelFolderError(f"{cfg_path}: not a valid genai_config.json ({e})") from None
+
+
+def _add_bos(folder: Path) -> bool:
+    """``add_bos_token`` of the folder's ``tokenizer_config.json`` (absent or unreadable: True)."""
+    try:
+        v = json.loads((folder / "tokenizer_config.json").read_text()).get("add_bos_token", True)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return bool(v) if v is not None else True
