@@ -40,9 +40,12 @@ whose quantized states the prefix cache reuses only within the quality budgets;
 Models: the synthetic Llama-shaped model (``benchmarks/synthetic_model.py``, preset
 ``default``; ``--quick``: preset ``small``, 1 repeat).
 
+``--model-dir DIR`` runs the same on another model folder (e.g. SmolLM2-135M-Instruct from
+``inferos pull smollm2-135m-instruct``), ``--no-stories`` skips the stories260K runs.
+
 Usage::
 
-    python benchmarks/prefix_reuse.py [--quick] [--repeats N] [--port 7770]
+    python benchmarks/prefix_reuse.py [--quick] [--repeats N] [--port 7770] [--model-dir DIR]
 
 Writes ``benchmarks/results/prefix_reuse.json`` and ``prefix_reuse.png``.
 """
@@ -346,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stores", default="fp32,default,quality",
                     help="fp32 (kv.mode disabled) and/or policy presets (tiered store), comma-separated")
     ap.add_argument("--no-oga", action="store_true")
+    ap.add_argument("--model-dir", default=None, metavar="DIR",
+                    help="a model folder instead of the synthetic model (e.g. the SmolLM2-135M-Instruct folder "
+                    "of 'inferos pull smollm2-135m-instruct')")
+    ap.add_argument("--no-stories", action="store_true", help="skip the stories260K quality runs")
     ap.add_argument("--json", default=str(HERE / "results" / "prefix_reuse.json"))
     ap.add_argument("--plot", default=str(HERE / "results" / "prefix_reuse.png"))
     args = ap.parse_args(argv)
@@ -361,13 +368,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     preset = "small" if args.quick else "default"
-    folder = sm.ensure_synthetic_model(preset, progress=say)
+    folder = Path(args.model_dir).resolve() if args.model_dir else sm.ensure_synthetic_model(preset, progress=say)
+    model_name = folder.name if args.model_dir else f"synthetic-{preset}"
     spec = DecoderSpec.from_folder(folder)
     template, codec = ChatTemplate.from_model_dir(folder), TextCodec(spec)
     oga = None if args.no_oga else OgaPeer(folder)
     tmp = Path(tempfile.mkdtemp(prefix="prefix_reuse_"))
     (tmp / "fp32.yaml").write_text(FP_POLICY)
-    out: dict[str, Any] = {"benchmark": "prefix_reuse", "model": f"synthetic-{preset}", "machine": machine_description(),
+    out: dict[str, Any] = {"benchmark": "prefix_reuse", "model": model_name, "machine": machine_description(),
                            "code": code_state(), "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
                            "stores": {}, "quality": {}, "targets": []}
     for i, store in enumerate(args.stores.split(",")):
@@ -395,12 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     say("quality of reusing tiered states")
     for store in args.stores.split(","):
         if store != "fp32":
-            out["quality"][f"synthetic-{store}"] = quality(folder, store, args.turns, args.doc_tokens, 32)
+            out["quality"][f"{model_name}-{store}"] = quality(folder, store, args.turns, args.doc_tokens, 32)
     from lemonade_inferos.model.embedded import embedded_model_dir
 
-    emb = embedded_model_dir()
-    out["quality"]["stories260K-default"] = quality(emb, "default", 6, 40, 24)
-    out["quality"]["stories260K-fp32"] = quality(emb, "fp32", 6, 40, 24)
+    if not args.no_stories:
+        emb = embedded_model_dir()
+        out["quality"]["stories260K-default"] = quality(emb, "default", 6, 40, 24)
+        out["quality"]["stories260K-fp32"] = quality(emb, "fp32", 6, 40, 24)
     out["seconds"] = time.perf_counter() - t_start
     write_results(out, args.json, args.plot, plot)
     print_code_and_targets(out, width=72, fmt=".3f")
