@@ -301,6 +301,12 @@ def quality(folder: Path, policy_name: str, turns: int, doc_tokens: int, reply_t
             "max_abs_delta_nll": round(float(np.max(np.abs(d))), 6) if d else None}
 
 
+def partial(out: dict, json_path: str) -> None:
+    """Write what is measured so far (``<json>.partial``), so a crash keeps it."""
+    Path(json_path + ".partial").parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path + ".partial").write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+
 # -- plot ---------------------------------------------------------------------------------
 def plot(out: dict, path: Path) -> None:
     import matplotlib
@@ -391,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             srv.close()
         out["stores"][store] = {"multi_turn": mt, "shared_prefix": sp}
+        partial(out, args.json)
         out["targets"].append({"target": f"{store}: TTFT reuse / no reuse <= 0.2 from turn 2 (worst turn median)",
                                "value": mt["worst_ratio_turn2_on"], "pass": mt["worst_ratio_turn2_on"] <= 0.2})
         if mt["reuse_fit"]:
@@ -404,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     for store in args.stores.split(","):
         if store != "fp32":
             out["quality"][f"{model_name}-{store}"] = quality(folder, store, args.turns, args.doc_tokens, 32)
+            partial(out, args.json)
     from lemonade_inferos.model.embedded import embedded_model_dir
 
     if not args.no_stories:
