@@ -254,7 +254,8 @@ def reply_nll(eng: Any, cache: Any, prompt: list[int], start: int, reply: list[i
 
     sess = eng.session(cache.graph_file, eng.policy)
     ro = ort.RunOptions()
-    rows = [eng._run(sess, cache, np.array([prompt[start:]], np.int64), start, ro, True)[-1]]
+    # the engine's own (chunked) prefill, as generate() runs it
+    rows = [eng._prefill(sess, cache, prompt, start, ro, True, eng.policy.runtime.prefill_chunk_tokens)]
     pos = len(prompt)
     for tok in reply[:-1]:
         rows.append(eng._run(sess, cache, np.array([[tok]], np.int64), pos, ro, True)[-1])
@@ -359,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a model folder instead of the synthetic model (e.g. the SmolLM2-135M-Instruct folder "
                     "of 'inferos pull smollm2-135m-instruct')")
     ap.add_argument("--no-stories", action="store_true", help="skip the stories260K quality runs")
+    ap.add_argument("--phases", default="serve,quality",
+                    help="serve (TTFT and shared prefix through inferos serve) and/or quality (ΔNLL, in process)")
     ap.add_argument("--json", default=str(HERE / "results" / "prefix_reuse.json"))
     ap.add_argument("--plot", default=str(HERE / "results" / "prefix_reuse.png"))
     args = ap.parse_args(argv)
@@ -378,13 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     model_name = folder.name if args.model_dir else f"synthetic-{preset}"
     spec = DecoderSpec.from_folder(folder)
     template, codec = ChatTemplate.from_model_dir(folder), TextCodec(spec)
-    oga = None if args.no_oga else OgaPeer(folder)
+    phases = set(args.phases.split(","))
+    oga = None if args.no_oga or "serve" not in phases else OgaPeer(folder)
     tmp = Path(tempfile.mkdtemp(prefix="prefix_reuse_"))
     (tmp / "fp32.yaml").write_text(FP_POLICY)
     out: dict[str, Any] = {"benchmark": "prefix_reuse", "model": model_name, "machine": machine_description(),
                            "code": code_state(), "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
                            "stores": {}, "quality": {}, "targets": []}
-    for i, store in enumerate(args.stores.split(",")):
+    for i, store in enumerate(args.stores.split(",") if "serve" in phases else []):
         policy = str(tmp / "fp32.yaml") if store == "fp32" else store
         bpt = spec.kv_bytes_per_token(4 if store == "fp32" else 2)
         say(f"[{store}] starting inferos serve on port {args.port + i}")
@@ -408,13 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     if oga is not None:
         del oga
     say("quality of reusing tiered states")
-    for store in args.stores.split(","):
+    for store in args.stores.split(",") if "quality" in phases else []:
         if store != "fp32":
             out["quality"][f"{model_name}-{store}"] = quality(folder, store, args.turns, args.doc_tokens, 32)
             partial(out, args.json)
     from lemonade_inferos.model.embedded import embedded_model_dir
 
-    if not args.no_stories:
+    if not args.no_stories and "quality" in phases:
         emb = embedded_model_dir()
         out["quality"]["stories260K-default"] = quality(emb, "default", 6, 40, 24)
         out["quality"]["stories260K-fp32"] = quality(emb, "fp32", 6, 40, 24)
