@@ -277,11 +277,33 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="first 512-token chunk only")
     ap.add_argument("--max-chunks", type=int, default=0, help="evaluate at most this many chunks (0 = all)")
-    ap.add_argument("--schemes", default="", help=f"comma-separated subset of {','.join(REFERENCE_SCHEMES + PRESETS)}")
+    ap.add_argument("--schemes", default="", help=f"comma-separated subset of {','.join(REFERENCE_SCHEMES + PRESETS)} "
+                    "(with --model also kivi4)")
     ap.add_argument("--make-samples", action="store_true", help=f"regenerate {SAMPLES.name} first")
     ap.add_argument("--out", default=str(RESULTS / "kv_quality.json"))
     ap.add_argument("--plot", default=str(RESULTS / "kv_quality.png"), help="PNG path ('' = no plot)")
+    ap.add_argument("--model", default=None, metavar="NAME|DIR",
+                    help="a real model (e.g. smollm2-135m-instruct): contexts 512 and 2,048, eval_long.txt + "
+                    "model samples, and llama.cpp on the same GGUF (see benchmarks/_kv_quality_model.py)")
+    ap.add_argument("--contexts", default="512,2048", help="with --model: comma-separated context lengths")
+    ap.add_argument("--tf-chunk", type=int, default=16, help="with --model: tokens per teacher-forced run")
+    ap.add_argument("--threads", type=int, default=2, help="with --model: threads for our engine and llama.cpp")
+    ap.add_argument("--max-tokens", type=int, default=0, help="with --model: evaluate at most this many tokens")
     args = ap.parse_args(argv)
+    if args.model:
+        import _kv_quality_model as M
+
+        tag = Path(args.model).name.split("-")[0]
+        if args.out == str(RESULTS / "kv_quality.json"):
+            args.out = str(RESULTS / f"kv_quality_{tag}.json")
+        if args.plot == str(RESULTS / "kv_quality.png"):
+            args.plot = str(RESULTS / f"kv_quality_{tag}.png")
+        t0 = time.perf_counter()
+        out = M.run(args)
+        out["seconds"] = time.perf_counter() - t0
+        M.print_table(out)
+        write_results(out, args.out, args.plot, M.plot)
+        return 0
     if args.quick and args.out == str(RESULTS / "kv_quality.json"):
         args.out = str(RESULTS / "kv_quality.quick.json")
         if args.plot == str(RESULTS / "kv_quality.png"):

@@ -695,7 +695,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-rounds", type=int, default=3, help="interleaved profile rounds (fastest kept)")
     ap.add_argument("--out", default="")
     ap.add_argument("--plot", default=None, help="PNG path ('' = none)")
+    ap.add_argument("--model", default=None, metavar="NAME|DIR",
+                    help="a real model (e.g. smollm2-135m-instruct): our engine vs onnxruntime-genai and "
+                    "llama.cpp, decode tok/s and TTFT (see benchmarks/_kv_speed_model.py)")
+    ap.add_argument("--engines", default="", help="with --model: subset of og,ours-fp,ours-default,"
+                    "llama.cpp-f16,llama.cpp-q4_0")
     args = ap.parse_args(argv)
+    if args.model:
+        import _kv_speed_model as M
+
+        args.lengths = args.lengths or "256,1024,4096,8064"
+        args.steps = args.steps or 64
+        args.repeats = args.repeats or 3
+        args.threads = args.threads if args.threads != 1 or "--threads" in (argv or sys.argv) else 2
+        tag = Path(args.model).name.split("-")[0]
+        t0 = time.perf_counter()
+        out = M.run(args)
+        out["seconds"] = time.perf_counter() - t0
+        M.print_table(out)
+        write_results(out, args.out or str(RESULTS / f"kv_speed_{tag}.json"),
+                      str(RESULTS / f"kv_speed_{tag}.png") if args.plot is None else args.plot, M.plot)
+        return 0
     args.lengths = _parse_lengths(args.lengths)
     stem = "kv_speed.quick" if args.quick else "kv_speed"
     args.out = args.out or str(RESULTS / f"{stem}.json")

@@ -23,6 +23,7 @@ REGISTRARS = (
     "lemonade_inferos.model_cli",
     "lemonade_inferos.agent.cli",
     "lemonade_inferos.integrations.cli",
+    "lemonade_inferos.driver_cli",
 )
 
 EPILOG = """\
@@ -34,6 +35,8 @@ examples:
   inferos eval --text story.txt --policy default --json
   inferos agent                                 control agent on 127.0.0.1:7031
   inferos serve -m MODEL_DIR --port 8001        OpenAI-compatible backend (lemond ryzenai-server)
+
+errors are one line; 'inferos --debug COMMAND ...' also prints the traceback.
 
 environment:
   INFEROS_DISABLE=1            run every request as baseline (no plugins)
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lemonade-inferos {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level to stderr")
+    parser.add_argument("--debug", dest="debug_traceback", action="store_true",
+                        help="on an error, print the full traceback (default: one line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod_name in REGISTRARS:
         try:
@@ -78,7 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # every command: one clear line; --debug shows the traceback
+        return report_error(e, debug=getattr(args, "debug_traceback", False))
     return int(rc or 0)
+
+
+def report_error(e: BaseException, *, debug: bool = False) -> int:
+    """Print ``e`` as one ``inferos: error: ...`` line on stderr (the traceback too with
+    ``debug``); returns the exit code, 1."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, (ValueError, OSError, ImportError)):  # not an input problem: name the kind
+        msg = f"{type(e).__name__}: {msg}" if not msg.startswith(type(e).__name__) else msg
+    hint = "" if debug else " (run 'inferos --debug ...' for the traceback)"
+    print(f"inferos: error: {msg}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

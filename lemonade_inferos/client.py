@@ -4,7 +4,9 @@
 
 * ``before_request`` returns the agent's effective policy, fetched with ``GET /v1/policy``
   and cached for ``policy_ttl`` seconds (default 1 s). When the agent is in baseline mode it
-  returns :func:`~lemonade_inferos.policy.baseline_policy`.
+  returns :func:`~lemonade_inferos.policy.baseline_policy`. With ``follow_policy=False``
+  (a command given an explicit ``--policy``) it fetches nothing and keeps the policy in
+  force: the command line wins for that command; stats are still reported.
 * ``after_request`` only enqueues ``stats.to_dict()`` on a bounded queue; a daemon thread
   posts each report to ``POST /v1/stats`` (with ``X-Inferos-Token``), so generation never
   waits on the network. When the queue is full the report is dropped and counted; the
@@ -123,6 +125,8 @@ class AgentClientPlugin:
         timeout: per-call HTTP timeout in seconds (connect and read).
         queue_size: bounded stats queue length (reports); overflow is dropped and counted.
         backoff_initial / backoff_max: retry delays in seconds (see :class:`Backoff`).
+        follow_policy: False = never replace the policy in force (an explicit ``--policy``
+            on the command line wins); stats are still posted.
     """
 
     name = PLUGIN_NAME
@@ -139,6 +143,7 @@ class AgentClientPlugin:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         rng: Callable[[], float] = random.random,
+        follow_policy: bool = True,
     ):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"agent URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:7031)")
@@ -149,6 +154,7 @@ class AgentClientPlugin:
         self.instance = "".join(c if c.isalnum() or c in "_.:@/+-" else "-" for c in self.instance)
         self.policy_ttl = policy_ttl
         self.timeout = timeout
+        self.follow_policy = follow_policy
 
         self._policy_lock = threading.Lock()
         self._policy_session = requests.Session()
@@ -234,9 +240,14 @@ class AgentClientPlugin:
 
     @hookimpl
     def before_request(self, context: Any, policy: Policy) -> Policy:
-        """PreRun: the agent's effective policy (or the baseline one while it is away)."""
-        pol = self.effective_policy()
+        """PreRun: the agent's effective policy (or the baseline one while it is away); None
+        (the policy in force stays) when ``follow_policy`` is off."""
         extra = getattr(context, "extra", None)
+        if not self.follow_policy:
+            if isinstance(extra, dict):
+                extra["inferos_agent"] = {"policy_source": "command line", "policy_version": None}
+            return None
+        pol = self.effective_policy()
         if isinstance(extra, dict):
             extra["inferos_agent"] = {"policy_source": self.policy_source, "policy_version": self.policy_version}
         return pol

@@ -49,23 +49,62 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--policy",
         metavar="FILE|PRESET",
         default=None,
-        help="policy preset (default, 3b, 7b, 13b, latency, throughput, quality) or YAML/JSON file",
+        help="policy preset (default, 3b, 7b, 13b, latency, throughput, quality) or YAML/JSON file; "
+        "wins over the control agent's policy for this command (default: the agent's when "
+        "INFEROS_AGENT_URL is set, else 'default')",
     )
+
+
+def _int_range(flag: str, lo: int, hi: int | None = None) -> Any:
+    """argparse ``type=``: an integer in [lo, hi] (hi None = no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"{flag} {v} is not allowed; must be {allowed}")
+        return v
+
+    return parse
+
+
+def _json_out(flag: str) -> Any:
+    """argparse ``type=``: a file path whose directory exists and is writable (checked before
+    a long run, not after it)."""
+    def parse(text: str) -> str:
+        import os
+
+        p = Path(text).expanduser()
+        parent = p.parent if str(p.parent) else Path(".")
+        if p.is_dir():
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is a directory; give a file name")
+        if not parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: directory {str(parent)!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: directory {str(parent)!r} is not writable")
+        return str(p)
+
+    return parse
 
 
 def register(sub: Any) -> None:
     g = sub.add_parser(
         "generate",
         help="generate text with hooks and the KV store, then print TTFT, TPS, KV bytes",
-        description="Stream a continuation of PROMPT, then print time to first token, decode "
-        "tokens/s and KV-cache bytes. --baseline runs with no plugins for comparison.",
+        description="Stream a continuation of PROMPT, then print the policy that ran, time to first "
+        "token (from the request to the first generated token; the model is loaded before the clock "
+        "starts), decode tokens/s, KV-cache bytes and KV/fp16 (KV bytes over the same tokens at "
+        "float16). --baseline runs with no plugins for comparison.",
     )
     g.add_argument("prompt", help="prompt text")
     _add_model_args(g)
     g.add_argument("--chat", action="store_true",
                    help="send PROMPT as a user message through the model's chat template (tokenizer_config.json)")
     g.add_argument("--system", metavar="TEXT", default=None, help="system message for --chat")
-    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="generated-token limit (default 128)")
+    g.add_argument("--max-new-tokens", type=_int_range("--max-new-tokens", 1), default=128, metavar="N",
+                   help="generated-token limit (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
@@ -83,9 +122,11 @@ def register(sub: Any) -> None:
         "stories and a table of TTFT, decode TPS, KV bytes and prompt NLL.",
     )
     _add_model_args(d)
-    d.add_argument("--max-new-tokens", type=int, default=400, metavar="N", help="tokens per story (default 400)")
-    d.add_argument("--prompts", type=int, default=len(DEMO_PROMPTS), metavar="N", help="how many demo prompts")
-    d.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    d.add_argument("--max-new-tokens", type=_int_range("--max-new-tokens", 1), default=400, metavar="N",
+                   help="tokens per story (default 400)")
+    d.add_argument("--prompts", type=_int_range("--prompts", 1, len(DEMO_PROMPTS)), default=len(DEMO_PROMPTS),
+                   metavar="N", help=f"how many demo prompts, 1..{len(DEMO_PROMPTS)} (default {len(DEMO_PROMPTS)})")
+    d.add_argument("--json", metavar="FILE", type=_json_out("--json"), help="also write the results as JSON")
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser(
@@ -112,13 +153,19 @@ def _engine(args: argparse.Namespace) -> Any:
     return build_engine(args.model, args.policy)
 
 
+def kv_fraction_of_fp16(kv: Any) -> str:
+    """The one KV-size convention of every report: resident KV bytes over the same tokens at
+    float16 (``0.25`` = a quarter of fp16; the baseline's float32 cache is ``2.00``); "-"
+    when unknown."""
+    return f"{kv.total_bytes / kv.fp16_bytes:.2f}" if kv.active and kv.fp16_bytes else "-"
+
+
 def _stats_line(st: Any) -> str:
     kv = st.kv
     ttft = f"{st.ttft_ms:.1f} ms" if st.ttft_ms is not None else "n/a"
-    ratio = f" ({kv.compression_vs_fp16:.2f}x vs fp16)" if kv.active and kv.total_bytes else ""
     return (
-        f"TTFT {ttft} | decode {st.decode_tps:.0f} tokens/s | {st.generated_tokens} tokens | "
-        f"KV {kv.total_bytes:,} bytes [{kv.store}]{ratio}"
+        f"policy {st.policy_name or 'baseline'} | TTFT {ttft} | decode {st.decode_tps:.0f} tokens/s | "
+        f"{st.generated_tokens} tokens | KV {kv.total_bytes:,} bytes [{kv.store}], KV/fp16 {kv_fraction_of_fp16(kv)}"
         + (f" | {st.cache_n} prompt tokens from the prefix cache" if st.cache_n else "")
     )
 
@@ -129,11 +176,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .policy import PolicyError
 
     try:
-        eng = _engine(args)
         cfg = GenerationConfig(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
         ).validate()
+        eng = _engine(args)
+        eng.preload()  # sessions exist before the clock starts: TTFT is the request's, not the load's
     except (PolicyError, ModelFolderError, ValueError) as e:
         return _fail(str(e))
 
@@ -172,18 +220,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # piped or logged: rich would wrap at 80 columns
         console = Console(width=110)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens).validate()
     with console.status("preparing the model (the first run converts or fetches it)..."):
         try:
             eng = _engine(args)
+            eng.preload()
         except (PolicyError, ModelFolderError, ValueError, KeyError) as e:
             return _fail(str(e.args[0] if isinstance(e, KeyError) else e))
     eng.prefix_cache.set_max_bytes(0)  # like for like: both modes prefill every prompt in full
-    shown = prompts = DEMO_PROMPTS[: max(1, args.prompts)]
+    shown = prompts = DEMO_PROMPTS[: args.prompts]
     if chat_prompt(eng.spec.folder, "x") is not None:  # a chat model: questions through its template
-        qs = CHAT_DEMO[: max(1, args.prompts)]
+        qs = CHAT_DEMO[: args.prompts]
         shown = [q for q, _ in qs]
         prompts = [chat_prompt(eng.spec.folder, f"{demo_passage()}\n\n{q}" if ctx else q) for q, ctx in qs]
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     eng.generate(prompts[0], GenerationConfig(max_new_tokens=8), baseline=True)  # warm-up: sessions loaded
     eng.generate(prompts[0], GenerationConfig(max_new_tokens=8))
     rows: list[dict[str, Any]] = []
@@ -205,7 +254,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(f"[bold]{shown[i]}[/bold]\n{o['text']}")
         same = _common_prefix_words(b["text"], o["text"])
         console.print(f"[dim](inferos output matches the baseline for the first {same} words)[/dim]")
-    table = Table(title=f"baseline vs inferos: {eng.spec.name}, policy '{eng.policy.name}', {args.max_new_tokens} new tokens")
+    ran = sorted({r["stats"].policy_name for r in rows if r["mode"] == "inferos"})  # what ran, not what was asked
+    table = Table(title=f"baseline vs inferos: {eng.spec.name}, policy {', '.join(map(repr, ran))}, "
+                        f"{args.max_new_tokens} new tokens")
     for col in ("#", "mode", "tokens", "TTFT ms", "tok/s", "KV KiB", "KV/fp16", "prompt NLL", "L0/L1/L2/L3"):
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for i, r in enumerate(rows):
@@ -215,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         table.add_row(
             str(i // 2 + 1), r["mode"], f"{st.prompt_tokens}+{st.generated_tokens}",
             f"{st.ttft_ms:.1f}" if st.ttft_ms is not None else "-", f"{st.decode_tps:.0f}",
-            f"{kv.total_bytes / 1024:.1f}", f"{kv.total_bytes / kv.fp16_bytes:.2f}" if kv.fp16_bytes else "-",
+            f"{kv.total_bytes / 1024:.1f}", kv_fraction_of_fp16(kv),
             f"{st.prompt_nll:.3f}" if st.prompt_nll is not None else "-",
             "/".join(str(lv.get(k, 0)) for k in ("L0", "L1", "L2", "L3")),
         )
@@ -246,12 +297,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .quality import EvalInputError, evaluate_text
 
     path = Path(args.text)
-    if not path.is_file():
+    if path.is_dir():
+        return _fail(f"--text: {str(path)!r} is a directory; give a UTF-8 text file")
+    if not path.exists():
         return _fail(f"--text: file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not text to score
     except UnicodeDecodeError as e:
         return _fail(f"--text: {str(path)!r} is not UTF-8 text ({e})")
+    except OSError as e:
+        return _fail(f"--text: cannot read {str(path)!r}: {e.strerror or e}")
     try:
         eng = _engine(args)
         res = evaluate_text(

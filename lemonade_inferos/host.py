@@ -13,16 +13,19 @@ from .policy import Policy, load_policy
 log = logging.getLogger("lemonade_inferos.host")
 
 
-def host_plugin_manager(**kwargs: Any) -> InferosManager:
+def host_plugin_manager(*, follow_agent_policy: bool = True, **kwargs: Any) -> InferosManager:
     """:func:`~lemonade_inferos.plugins.get_plugin_manager` plus the control-agent client
-    plugin (registered as ``inferos.agent``) when ``INFEROS_AGENT_URL`` is set."""
+    plugin (registered as ``inferos.agent``) when ``INFEROS_AGENT_URL`` is set.
+
+    ``follow_agent_policy=False``: the agent receives the stats but does not choose the
+    policy (a command given an explicit ``--policy``; see :func:`build_engine`)."""
     extra = list(kwargs.pop("extra", ()))
     try:
         from .client import agent_plugin_from_env
     except ImportError:  # agent client not installed in this build
         agent_plugin_from_env = None  # type: ignore[assignment]
     if agent_plugin_from_env is not None:
-        plugin = agent_plugin_from_env()
+        plugin = agent_plugin_from_env(follow_policy=follow_agent_policy)
         if plugin is not None:
             extra.append(("inferos.agent", plugin))
     return get_plugin_manager(extra=extra, **kwargs)
@@ -36,6 +39,12 @@ def build_engine(model: str | Path | None = None, policy: str | Path | Policy | 
     converted on first use, see :mod:`lemonade_inferos.model.registry`), or None (the
     embedded stories260K model).
 
+    Policy precedence (the README's "Which policy runs"): an explicit ``policy`` (a command's
+    ``--policy``) is the policy every request of this engine runs with, even when
+    ``INFEROS_AGENT_URL`` is set (the agent still gets the stats); with ``policy=None`` the
+    agent's policy runs when an agent is configured, else the ``default`` preset. Plugins may
+    still adjust it per request; ``RunStats.policy_name`` names what actually ran.
+
     Raises:
         PolicyError: the policy cannot be loaded.
         ModelFolderError: the model folder is unusable, or ``model`` is neither a folder nor
@@ -46,4 +55,5 @@ def build_engine(model: str | Path | None = None, policy: str | Path | Policy | 
 
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
     progress = kwargs.pop("progress", None)
-    return Engine(resolve_model(model, progress), pm=kwargs.pop("pm", None) or host_plugin_manager(), policy=pol, **kwargs)
+    pm = kwargs.pop("pm", None) or host_plugin_manager(follow_agent_policy=policy is None)
+    return Engine(resolve_model(model, progress), pm=pm, policy=pol, **kwargs)

@@ -18,6 +18,11 @@ examples:
 Every format writes the same folder: model.onnx (explicit KV I/O), model_tiered.onnx (tiered
 KV cache), genai_config.json (onnxruntime-genai), tokenizer.json + tokenizer_config.json
 (chat template), LICENSE and inferos_manifest.json. A folder that is up to date is reused.
+
+OUT is written beside itself and swapped in when complete. An existing OUT is replaced only
+when it is a previous inferos model folder (it holds inferos_manifest.json) or empty; a file
+or any other non-empty directory (a source tree, '.') needs --force. Inputs, the current
+directory and its parents are never replaced, not even with --force.
 """
 
 PULL_EPILOG = """\
@@ -60,8 +65,10 @@ def register(sub: Any) -> None:
     lc.add_argument("checkpoint", help="llama2.c .bin checkpoint")
     lc.add_argument("tokenizer", help="llama2.c tokenizer .bin")
     lc.add_argument("out_dir", help="output model folder")
-    for p in (g, h, lc):
-        p.add_argument("--force", action="store_true", help="convert even when OUT_DIR is up to date")
+    for p in (g, h, lc):  # every format: the same OUT rules (lemonade_inferos.model.output_dir)
+        p.add_argument("--force", action="store_true",
+                       help="replace OUT even when it is not an inferos model folder (a file or a non-empty "
+                       "directory), and convert even when OUT is up to date")
         p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -92,11 +99,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             for label, p in (("checkpoint", args.checkpoint), ("tokenizer", args.tokenizer)):
                 if not Path(p).is_file():
                     return _fail(f"{label} file {p!r} does not exist")
-            out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, progress=_say, force=args.force)
+            out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, progress=_say, force=args.force,
+                                  overwrite=args.force)
         elif args.format == "gguf":
-            out = convert_gguf(args.gguf_file, args.out_dir, weights=args.weights, progress=_say, force=args.force)
+            out = convert_gguf(args.gguf_file, args.out_dir, weights=args.weights, progress=_say, force=args.force,
+                               overwrite=args.force)
         else:
-            out = convert_hf(args.hf_dir, args.out_dir, weights=args.weights, progress=_say, force=args.force)
+            out = convert_hf(args.hf_dir, args.out_dir, weights=args.weights, progress=_say, force=args.force,
+                             overwrite=args.force)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     print(out)

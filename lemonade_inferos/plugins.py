@@ -15,6 +15,17 @@ Environment:
 
 Built-in plugin names: ``inferos.ort`` (session/run options, providers) and
 ``inferos.kv`` (the KV store).
+
+A plugin named by an entry point or ``INFEROS_PLUGINS`` may be an instance, a class (it is
+instantiated with no arguments) or a module with ``@hookimpl`` functions. ``INFEROS_PLUGINS``
+entries are ``module:attribute``; the module is imported like any other (installed, or on
+``sys.path``, e.g. through ``PYTHONPATH``).
+
+Failures: an exception in a plugin's ``before_request``, ``session_options``,
+``execution_providers``, ``run_options`` or ``kv_cache`` is raised as :class:`PluginError`
+naming the plugin and the hook (the request fails; hosts report it in one line). An
+exception in ``after_request`` is logged with the plugin's name and swallowed, so a
+completed generation is never thrown away; the other plugins' ``after_request`` still run.
 """
 
 from __future__ import annotations
@@ -53,6 +64,50 @@ def _impls(caller: Any) -> list[Any]:
     return [i for i in reversed(caller.get_hookimpls()) if not (i.hookwrapper or getattr(i, "wrapper", False))]
 
 
+class PluginError(RuntimeError):
+    """A plugin raised in a hook. ``plugin`` and ``hook`` name them; the plugin's exception
+    is ``__cause__``."""
+
+    def __init__(self, plugin: str, hook: str, error: BaseException):
+        self.plugin, self.hook, self.error = plugin, hook, error
+        detail = str(error).strip()
+        super().__init__(f"plugin {plugin!r} failed in {hook}: {type(error).__name__}"
+                         + (f": {detail}" if detail else ""))
+
+
+BUILTIN_PREFIX = "inferos."
+
+
+def _call(impl: Any, hook: str, kwargs: dict[str, Any]) -> Any:
+    """Call one hook implementation with the arguments it declares; a third-party plugin's
+    exception becomes a :class:`PluginError` naming it. The built-in plugins' (``inferos.*``)
+    errors pass unchanged: they already say what is wrong (e.g. a ``PolicyError``)."""
+    try:
+        return impl.function(**{k: kwargs[k] for k in impl.argnames})
+    except PluginError:
+        raise
+    except Exception as e:
+        if str(impl.plugin_name).startswith(BUILTIN_PREFIX):
+            raise
+        raise PluginError(impl.plugin_name, hook, e) from e
+
+
+def as_plugin(obj: Any, name: str) -> Any:
+    """What to register for ``obj``: an instance of it when it is a class (hook methods need
+    ``self``), else ``obj`` itself (an instance or a module).
+
+    Raises:
+        TypeError: the class cannot be instantiated without arguments (names it).
+    """
+    if isinstance(obj, type):
+        try:
+            return obj()
+        except TypeError as e:
+            raise TypeError(f"plugin {name!r}: class {obj.__qualname__} cannot be created without arguments ({e}); "
+                            "name an instance instead (module:instance)") from e
+    return obj
+
+
 def _expect(value: Any, types: type | tuple[type, ...], hook: str, who: str) -> Any:
     if value is not None and not isinstance(value, types):
         names = types.__name__ if isinstance(types, type) else " | ".join(t.__name__ for t in types)
@@ -87,8 +142,7 @@ class InferosManager:
         """Fold ``before_request`` over the plugins in pluggy call order (see hookspecs)."""
         caller = self.pm.hook.before_request
         for impl in _impls(caller):
-            kwargs = {"context": context, "policy": policy}
-            res = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            res = _call(impl, "before_request", {"context": context, "policy": policy})
             if res is not None:
                 policy = _expect(res, Policy, "before_request", impl.plugin_name)
         return policy
@@ -96,7 +150,7 @@ class InferosManager:
     def _first(self, hook: str, types: type | tuple[type, ...], **kwargs: Any) -> Any:
         caller = getattr(self.pm.hook, hook)
         for impl in _impls(caller):
-            res = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            res = _call(impl, hook, kwargs)
             if res is not None:
                 return _expect(res, types, hook, impl.plugin_name)
         return None
@@ -129,7 +183,14 @@ class InferosManager:
         return res if res is not None else FullPrecisionKVCache(spec)
 
     def after_request(self, context: Any, stats: Any) -> None:
-        self.pm.hook.after_request(context=context, stats=stats)
+        """Run every ``after_request``; a failing plugin is logged by name and skipped (the
+        completed generation stands)."""
+        for impl in _impls(self.pm.hook.after_request):
+            try:
+                _call(impl, "after_request", {"context": context, "stats": stats})
+            except Exception as e:
+                err = e if isinstance(e, PluginError) else PluginError(impl.plugin_name, "after_request", e)
+                log.error("%s (the request's result is kept)", err, exc_info=log.isEnabledFor(logging.DEBUG))
 
     def on_request_error(self, context: Any, error: BaseException) -> None:
         for impl in _impls(self.pm.hook.on_request_error):
@@ -211,7 +272,7 @@ def get_plugin_manager(
             if not wanted(ep.name) or pm.has_plugin(ep.name):
                 continue
             try:
-                pm.register(ep.load(), name=ep.name)
+                pm.register(as_plugin(ep.load(), ep.name), name=ep.name)
                 log.info("loaded plugin %s from %s", ep.name, ep.value)
             except Exception as e:  # a broken third-party plugin must not stop the host
                 log.warning("skipping plugin %s (%s): %s", ep.name, ep.value, e)
@@ -221,9 +282,10 @@ def get_plugin_manager(
         try:
             obj = _load_object(ref)
         except (ImportError, AttributeError) as e:
-            raise ImportError(f"INFEROS_PLUGINS: cannot import plugin {ref!r}: {e}") from e
+            raise ImportError(f"INFEROS_PLUGINS: cannot import plugin {ref!r}: {e} (entries are module:attribute; "
+                              "the module must be installed or on the Python path, e.g. PYTHONPATH)") from e
         if not pm.has_plugin(ref):
-            pm.register(obj, name=ref)
+            pm.register(as_plugin(obj, ref), name=ref)
     pm.check_pending()
     return InferosManager(pm)
 

@@ -208,10 +208,39 @@ class RuntimePolicy(_Section):
     session_config: dict[str, str] = Field(default_factory=dict, description="extra add_session_config_entry pairs")
 
 
+MAX_POLICY_NAME = 128
+
+
+def check_policy_name(v: Any) -> str:
+    """A policy name: a string of 1..128 characters without control or format characters
+    (Unicode categories Cc, Cf: NUL, newlines, bidi overrides such as U+202E, zero-width
+    characters), so every report and log line shows it as it is.
+
+    Raises:
+        ValueError: not such a string (message says what is wrong).
+    """
+    import unicodedata
+
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string, got {type(v).__name__}")
+    if not 1 <= len(v) <= MAX_POLICY_NAME:
+        raise ValueError(f"must be 1..{MAX_POLICY_NAME} characters long, got {len(v)}")
+    bad = next((c for c in v if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn")), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control or format characters (found U+{ord(bad):04X})")
+    return v
+
+
 class Policy(_Section):
-    """The whole policy. ``name`` records where it came from (preset or file)."""
+    """The whole policy. ``name`` records where it came from (preset or file); 1..128
+    printable characters (:func:`check_policy_name`)."""
 
     name: str = "default"
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: Any) -> str:
+        return check_policy_name(v)
     kv: KVPolicy = Field(default_factory=KVPolicy)
     io: IOPolicy = Field(default_factory=IOPolicy)
     scheduler: SchedulerPolicy = Field(default_factory=SchedulerPolicy)

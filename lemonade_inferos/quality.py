@@ -73,6 +73,9 @@ def evaluate_ids(
     *,
     cache_factory: Callable[[], KVCache] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    context_length: int | None = None,
+    tf_chunk: int = 1,
+    baseline_memo: dict | None = None,
 ) -> dict[str, Any]:
     """Run the protocol on token ids with ``engine`` (a :class:`~lemonade_inferos.engine.Engine`).
 
@@ -81,6 +84,12 @@ def evaluate_ids(
         cache_factory: overrides the compressed store (used by benchmarks for reference
             schemes such as q4_0-like); called once per chunk.
         progress: called as ``progress(done_chunks, total_chunks)``.
+        context_length: chunk length in tokens (default: the model's context).
+        tf_chunk: tokens per run through the caches (1 = the exact decode path; see
+            :meth:`~lemonade_inferos.engine.Engine.teacher_forced_logits`).
+        baseline_memo: a dict reused across calls with the same ids and chunking: the
+            baseline run's log-probabilities per chunk are computed once (float32
+            ``[n, vocab]`` each; ~400 MB per 2,048-token chunk at a 49K vocabulary).
 
     Returns:
         a dict with ``tokens``, ``ppl_baseline``, ``ppl``, ``delta_ppl``, ``delta_ppl_pct``,
@@ -94,7 +103,7 @@ def evaluate_ids(
     if len(ids) < 2:
         raise EvalInputError(f"the text has {len(ids)} token(s); at least 2 are needed to score anything")
     spec = engine.spec
-    chunks = chunk_ids(ids, spec.context_length)
+    chunks = chunk_ids(ids, min(context_length or spec.context_length, spec.context_length))
     if not chunks:
         raise EvalInputError("no chunk of at least 2 tokens to score")
     nll_b, nll_c, klds, top1 = [], [], [], []
@@ -102,13 +111,20 @@ def evaluate_ids(
     longest = -1
     for k, chunk in enumerate(chunks):
         targets = np.asarray(chunk[1:])
-        ref = engine.teacher_forced_logits(chunk, FullPrecisionKVCache(spec), policy)[:-1]
+        key = (k, len(chunk), tf_chunk)
+        if baseline_memo is not None and key in baseline_memo:
+            ref = baseline_memo[key]
+        else:
+            ref = log_softmax(engine.teacher_forced_logits(chunk, FullPrecisionKVCache(spec), policy, tf_chunk)[:-1])
+            ref = ref.astype(np.float32)
+            if baseline_memo is not None:
+                baseline_memo[key] = ref
         if cache_factory is not None:
             cache = cache_factory()
         else:
             ctx = InferenceContext(model=spec.name, prompt_tokens=len(chunk), max_new_tokens=0, host="eval")
             cache = engine.pm.kv_cache(policy, spec, ctx)
-        comp = engine.teacher_forced_logits(chunk, cache, policy)[:-1]
+        comp = engine.teacher_forced_logits(chunk, cache, policy, tf_chunk)[:-1]
         nll_b.append(token_nll(ref, targets))
         nll_c.append(token_nll(comp, targets))
         klds.append(kl_divergence(ref, comp))

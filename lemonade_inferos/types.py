@@ -7,10 +7,18 @@ pulling in onnxruntime, FastAPI or the quantization internals.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def prompt_fingerprint(ids: list[int]) -> str:
+    """16 hex digits identifying a prompt's token ids (sha256 of their decimal list), so
+    reports of the same prompt can be compared (the agent's ΔPPL pairs by it) without
+    sending the prompt."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -160,9 +168,11 @@ class RunStats:
     wall time (tokens/s); ``peak_rss_bytes`` is the process peak resident set size.
     ``prompt_nll`` is the mean negative log-likelihood (nats/token) of the prompt tokens
     under the model, computed from the prefill logits (the tokens prefilled in this
-    request). ``kv`` is the KV cache at the end. ``cache_n`` is the number of prompt tokens
-    whose KV state came from the prefix cache (not prefilled); ``prefix_cache`` the cache's
-    counters after this request.
+    request). ``kv`` is the KV cache at the end. ``prompt_hash`` is
+    :func:`prompt_fingerprint` of the prompt ids ("" when unknown; with prefix reuse, of the
+    ids and the reused length, since ``prompt_nll`` then scores only the prefilled part).
+    ``cache_n`` is the number of prompt tokens whose KV state came from the prefix cache
+    (not prefilled); ``prefix_cache`` the cache's counters after this request.
     """
 
     request_id: str = ""
@@ -178,6 +188,7 @@ class RunStats:
     decode_tps: float = 0.0
     peak_rss_bytes: int = 0
     prompt_nll: float | None = None
+    prompt_hash: str = ""
     finish_reason: str = ""
     kv: KVStats = field(default_factory=KVStats)
     cache_n: int = 0

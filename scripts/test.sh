@@ -1,21 +1,45 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian/Ubuntu machine and run it.
-#   - Debian packages: chromium (the dashboard test drives real headless Chromium)
+#   - Debian packages: chromium (the dashboard test drives real headless Chromium); as root
+#     also linux-image-amd64, linux-headers-amd64, qemu-system-x86, busybox-static (the kernel
+#     driver is built and tested in a QEMU VM)
 #   - a virtual environment in .venv with the project and its test extra (+ CPU torch)
 #   - the realistic model: inferos pull smollm2-135m-instruct (cached under ~/.cache)
 # Extra arguments go to pytest, e.g.:  bash scripts/test.sh -k policy -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+APT_UPDATED=0
+apt_update_once() {
+  if [ "$APT_UPDATED" = 0 ]; then $SUDO apt-get update -q; APT_UPDATED=1; fi
+}
+
 if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   if command -v apt-get >/dev/null 2>&1; then
     echo ">> installing Debian packages: chromium"
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends chromium
   else
     echo ">> apt-get not found: the dashboard browser test will be skipped (no chromium)"
   fi
+fi
+
+# The kernel driver test (tests/test_driver_vm.py -> driver/linux/test-in-vm.sh) boots Debian's
+# kernel in QEMU with the module built against its headers. It runs as root only.
+DRIVER_PKGS=(linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static gcc make libc6-dev cpio)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(uname -m)" = x86_64 ]; then
+  missing=()
+  for p in "${DRIVER_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo ">> installing Debian packages for the kernel driver VM test: ${missing[*]}"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+else
+  echo ">> not root on Debian/x86-64: the kernel driver VM test will be skipped"
 fi
 
 PY="${PYTHON:-python3}"

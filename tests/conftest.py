@@ -58,3 +58,49 @@ def tok(stories_paths):
     from lemonade_inferos.model.tokenizer import Llama2cTokenizer
 
     return Llama2cTokenizer.load(stories_paths[1], 512)
+
+
+@pytest.fixture(scope="module")
+def serve_process(embedded_model, tmp_path_factory):
+    """``inferos serve`` on the embedded model in its own process (so a client in this
+    process measures the server, not a shared GIL), on a free loopback port with
+    ``--max-tokens 16``. Yields the base URL; the process is stopped afterwards."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lemonade_inferos.cli", "serve", "-m", str(embedded_model), "--port", str(port),
+         "--max-tokens", "16"],
+        stdout=subprocess.DEVNULL, stderr=log_file, text=True, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"inferos serve exited: {log_path.read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("inferos serve did not answer /health within 120 s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - stuck shutdown
+            proc.kill()
+            proc.wait()
+        log_file.close()

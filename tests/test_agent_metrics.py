@@ -16,10 +16,11 @@ NOW = 1_800_000_000.0
 def report(i: int, *, start: float, end: float, tokens: int = 10, ttft: float | None = 20.0, total_ms: float | None = None,
            nll: float | None = None, prompt: int = 8, baseline: bool = False, kv_bytes: int = 0, fp16: int = 0,
            levels: dict[str, int] | None = None, rss: int = 0, instance: str = "a", received: float | None = None,
-           store: str = "tiered", dropped: int = 0) -> Report:
+           store: str = "tiered", dropped: int = 0, prompt_hash: str = "aa") -> Report:
     stats = RunStats(
         request_id=f"r{i}", start_time=start, end_time=end, prompt_tokens=prompt, generated_tokens=tokens, ttft_ms=ttft,
         total_ms=(end - start) * 1000 if total_ms is None else total_ms, prompt_nll=nll, baseline=baseline,
+        prompt_hash=prompt_hash,
         peak_rss_bytes=rss, kv=KVStats(total_bytes=kv_bytes, fp16_bytes=fp16, level_distribution=levels or {}, store=store),
     )
     return Report.from_payload({**stats.to_dict(), "instance": instance, "dropped": dropped}, id=i,
@@ -92,19 +93,31 @@ def test_no_ttft_means_null_not_estimate() -> None:
     assert s["first_token_latency"]["samples"] == 0
 
 
-def test_delta_ppl_is_token_weighted_ppl_difference_vs_baseline() -> None:
+def test_delta_ppl_is_token_weighted_ppl_difference_vs_baseline_on_the_same_prompts() -> None:
     rs = [
-        report(1, start=NOW - 5, end=NOW - 4, nll=2.0, prompt=10),
-        report(2, start=NOW - 4, end=NOW - 3, nll=3.0, prompt=30),
-        report(3, start=NOW - 3, end=NOW - 2, nll=1.5, prompt=20, baseline=True),
+        report(1, start=NOW - 5, end=NOW - 4, nll=2.0, prompt=10, prompt_hash="a1"),
+        report(2, start=NOW - 4.5, end=NOW - 4, nll=2.5, prompt=30, prompt_hash="b2"),
+        report(3, start=NOW - 4, end=NOW - 3, nll=3.0, prompt=30, prompt_hash="c3"),  # no baseline run: left out
+        report(4, start=NOW - 3, end=NOW - 2, nll=1.5, prompt=10, baseline=True, prompt_hash="a1"),
+        report(5, start=NOW - 3, end=NOW - 2, nll=2.25, prompt=30, baseline=True, prompt_hash="b2"),
+        report(6, start=NOW - 3, end=NOW - 2, nll=9.0, prompt=20, baseline=True, prompt_hash="d4"),  # left out
     ]
     d = sections(rs)["quality"]["delta_ppl_est"]
-    cur = math.exp((2.0 * 10 + 3.0 * 30) / 40)
-    base = math.exp(1.5)
+    cur = math.exp((2.0 * 10 + 2.5 * 30) / 40)
+    base = math.exp((1.5 * 10 + 2.25 * 30) / 40)
     assert d["current"] == round(cur, 4)
     assert d["baseline"] == round(base, 4)
     assert d["delta"] == round(cur - base, 4)
-    assert d["measurement"]["baseline_source"] == "window"
+    assert d["measurement"]["baseline_source"] == "window" and d["measurement"]["paired_prompts"] == 2
+
+
+def test_delta_ppl_never_compares_different_prompts() -> None:
+    """A hard story run with the policy and an easy one in baseline mode is not a ΔPPL of +5000."""
+    rs = [report(1, start=NOW - 5, end=NOW - 4, nll=9.0, prompt_hash="hard"),
+          report(2, start=NOW - 3, end=NOW - 2, nll=1.0, baseline=True, prompt_hash="easy")]
+    d = sections(rs)["quality"]["delta_ppl_est"]
+    assert d["delta"] is None and d["measurement"]["paired_prompts"] == 0
+    assert d["measurement"]["baseline_source"].startswith("none")
 
 
 def test_delta_ppl_null_without_baseline_and_uses_older_reference() -> None:

@@ -25,7 +25,7 @@ def agent(tmp_path: Path):
 
 def post(agent: BackgroundAgent, i: int, **kw) -> None:
     s = RunStats(request_id=f"p{i}", start_time=NOW - 10 + i, end_time=NOW - 9 + i, prompt_tokens=16, generated_tokens=40,
-                 ttft_ms=10.0 * (i + 1), total_ms=1000.0, prompt_nll=2.0, peak_rss_bytes=123_000_000,
+                 ttft_ms=10.0 * (i + 1), total_ms=1000.0, prompt_nll=2.0, peak_rss_bytes=123_000_000, prompt_hash="ab",
                  kv=KVStats(total_bytes=30_000 + i, fp16_bytes=100_000, level_distribution={"L0": 8, "L1": 4, "L3": 2},
                             store="tiered"), **kw)
     r = requests.post(agent.url + "/v1/stats", json={**s.to_dict(), "instance": "prom"}, headers={"X-Inferos-Token": TOKEN})

@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -77,8 +78,10 @@ def test_dry_run_prints_policy_env_and_commands_and_starts_nothing(capsys, no_ga
     serve_line = next(ln for ln in out.splitlines() if " serve " in ln)
     assert f"--port {port}" in serve_line and "--max-concurrency 2" in serve_line and "--max-tokens 64" in serve_line
     assert f"-m {embedded_model}" in serve_line
-    policy_file = re.search(r"--policy (\S+)", serve_line).group(1)
+    policy_file = re.search(r"would be written to (\S+?):", out).group(1)
     assert not Path(policy_file).exists() and not Path(policy_file).parent.exists()  # nothing written
+    # with an agent the backend runs the agent's policy (an explicit --policy would win over it)
+    assert ("--policy" in serve_line) == (gaia.agent_cli_options() is None)
     assert "pip install amd-gaia" in out  # says GAIA is missing, but the dry run still works
     if gaia.agent_cli_options() is not None:
         agent_line = next(ln for ln in out.splitlines() if " agent --" in ln)
@@ -147,6 +150,9 @@ def test_launch_runs_backend_agent_and_gaia(tmp_path, monkeypatch, embedded_mode
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("INFEROS_CONFIG_DIR", str(tmp_path / "config"))  # never touch the user's token file
     result = tmp_path / "seen.json"
+    work_root = tmp_path / "tmp"
+    work_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work_root))  # where the launcher's work dir goes
     rc = main(["gaia", "--quality-threshold", "0.3", "--memory-limit", "1MiB", "--max-tokens", "16",
                "--batch-size", "2", "--model-dir", str(embedded_model), "--start-timeout", "120",
                "--", "chat", str(result)])
@@ -172,7 +178,8 @@ def test_launch_runs_backend_agent_and_gaia(tmp_path, monkeypatch, embedded_mode
         assert items[-1]["stats"]["generated_tokens"] == chat["usage"]["completion_tokens"]
     else:
         assert "starting the backend only" in err
-    # everything this command started is stopped again
+    # everything this command started is stopped again, and its work dir is gone
+    assert list(work_root.iterdir()) == []
     with pytest.raises(httpx.HTTPError):
         httpx.get(seen["base"] + "/health", timeout=1)
     if seen["agent"]:

@@ -275,3 +275,38 @@ def test_patching_is_lazy_and_reversible(lemonade_python, embedded_model):
     env.pop("INFEROS_ENABLED", None)
     res = subprocess.run([lemonade_python, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def smol_model() -> Path:
+    from lemonade_inferos.model.registry import KNOWN_MODELS, downloaded_file, model_dir
+
+    folder = model_dir("smollm2-135m-instruct")
+    if not (folder / "model_tiered.onnx").is_file():
+        pytest.skip(f"SmolLM2 is not pulled ({folder} missing): run 'inferos pull smollm2-135m-instruct'")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smol_server(lemonade_python, tmp_path_factory, smol_model):
+    yield from _server(lemonade_python, tmp_path_factory, smol_model, "lem_smol", {})
+
+
+@pytest.mark.slow
+def test_lemonade_chats_with_smollm2_through_the_tiered_store(smol_server, smol_model):
+    """Real Lemonade 9.1.4 loads the converted SmolLM2 folder with recipe oga-cpu, applies
+    the folder's ChatML template (its own tokenizer code) and the request runs on the inferos
+    engine with the tiered KV store; the greedy answer names Paris."""
+    before = len(smol_server.records())
+    body = {"model": str(smol_model), "max_tokens": 24, "stream": False,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    doc = smol_server.post("/chat/completions", body).json()
+    text = doc["choices"][0]["message"]["content"]
+    new = smol_server.records()[before:]
+    after = new[-1]
+    assert after["hook"] == "after_request"
+    st = after["stats"]
+    assert st["backend"] == "ort" and st["kv"]["active"] is True and st["kv"]["store"].startswith("tiered")
+    assert st["prompt_tokens"] > 20  # the system + user turns of the ChatML template
+    assert "Paris" in text, text
+    _assert_consistent(smol_server, after, doc["usage"])

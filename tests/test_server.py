@@ -311,7 +311,8 @@ def test_bad_fields_are_400_naming_field(server, field, value, needle):
 
 
 def test_bad_bodies_are_400(server, client):
-    assert "JSON" in _err(httpx.post(server.url + "/v1/completions", content=b"{nope"))["message"]
+    assert "JSON" in _err(httpx.post(server.url + "/v1/completions", content=b"{nope",
+                                     headers={"Content-Type": "application/json"}))["message"]
     assert _err(httpx.post(server.url + "/v1/completions", json={}))["param"] == "prompt"
     err = _err(httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}))
     assert err["param"] == "messages[0].role" and "wizard" in err["message"]
@@ -327,7 +328,7 @@ def test_ctx_size_caps_context(engine):
     from fastapi.testclient import TestClient
 
     app = create_app(engine, ctx_size=40)
-    with TestClient(app) as tc:
+    with TestClient(app, base_url="http://127.0.0.1") as tc:
         assert tc.get("/health").json()["context_size"] == 40
         ids = engine.codec.encode(STORY)  # 15 tokens
         r = tc.post("/v1/completions", json={"prompt": STORY, "max_tokens": 400, "ignore_eos": True}).json()

@@ -22,13 +22,14 @@ Every error is ``{"error": {"code", "message", "details"}}``. Every response car
 ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY`` and a same-origin
 Content-Security-Policy; there is no CORS (browsers on other origins cannot read or post).
 Requests whose ``Host`` is not in ``allowed_hosts`` (loopback names by default) are refused,
-which blocks DNS-rebinding pages; bodies over 1 MiB get 413.
+which blocks DNS-rebinding pages; bodies over 1 MiB get 413, bodies not sent as
+``application/json`` 415, JSON nested deeper than 64 levels 400 (see
+:mod:`lemonade_inferos.http_guard`, shared with ``inferos serve``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from importlib import resources
@@ -42,6 +43,7 @@ from fastapi.security import APIKeyHeader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..http_guard import LOOPBACK_HOSTS, MAX_BODY_BYTES, GuardMiddleware  # noqa: F401 (re-exported)
 from ..policy import Policy, PolicyError, policy_json_schema
 from . import TOKEN_HEADER
 from .auth import fingerprint, load_or_create_token, token_matches
@@ -63,21 +65,7 @@ from .state import AgentState, ResourceProvider, iso_utc
 
 log = logging.getLogger("lemonade_inferos.agent")
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-MAX_BODY_BYTES = 1024 * 1024
 STATIC_FILES = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
-
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-    ),
-    (b"cache-control", b"no-store"),
-]
 
 ERR = {"model": ErrorBody}
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -129,78 +117,6 @@ def _validation_details(errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def _host_of(raw: str) -> str:
-    raw = raw.strip().lower()
-    if raw.startswith("["):  # [::1]:7031
-        return raw[1:].split("]", 1)[0]
-    if raw.count(":") == 1:
-        return raw.split(":", 1)[0]
-    return raw
-
-
-class GuardMiddleware:
-    """ASGI middleware: Host allow-list, request body limit, security headers."""
-
-    def __init__(self, app: Any, allowed_hosts: Iterable[str] | None, max_body: int = MAX_BODY_BYTES):
-        self.app = app
-        self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
-        self.max_body = max_body
-
-    async def _reject(self, send: Any, code: int, message: str, details: Any = None) -> None:
-        body = json.dumps(error_body(code, message, details)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]
-        await send({"type": "http.response.start", "status": code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        if self.allowed is not None:
-            host = _host_of(headers.get(b"host", b"").decode("latin-1"))
-            if host not in self.allowed:
-                await self._reject(send, 421, "host not allowed", f"Host {host!r} is not one of {sorted(self.allowed)}")
-                return
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_body
-            except ValueError:
-                await self._reject(send, 400, "invalid Content-Length header", length.decode("latin-1")[:50])
-                return
-            if too_big:
-                await self._reject(send, 413, "request body too large", f"limit is {self.max_body} bytes")
-                return
-        seen = 0
-        exceeded = False
-        replaced = False
-
-        async def limited_receive() -> dict:
-            nonlocal seen, exceeded
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:  # chunked body without Content-Length
-                    exceeded = True
-                    raise HTTPError(413, "request body too large", f"limit is {self.max_body} bytes")
-            return msg
-
-        async def secured_send(msg: dict) -> None:
-            nonlocal replaced
-            if exceeded:  # whatever the app answers to the aborted read, the client gets 413
-                if not replaced:
-                    replaced = True
-                    await self._reject(send, 413, "request body too large", f"limit is {self.max_body} bytes")
-                return
-            if msg["type"] == "http.response.start":
-                names = {k.lower() for k, _ in msg.get("headers", [])}
-                msg = {**msg, "headers": [*msg.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in names)]}
-            await send(msg)
-
-        await self.app(scope, limited_receive, secured_send)
-
-
 def _static_text(name: str) -> str:
     return (resources.files("lemonade_inferos.agent") / "static" / name).read_text(encoding="utf-8")
 
@@ -249,7 +165,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.agent = state
-    app.add_middleware(GuardMiddleware, allowed_hosts=allowed_hosts)
+    app.add_middleware(GuardMiddleware, allowed_hosts=allowed_hosts, error_body=error_body, max_body=MAX_BODY_BYTES)
 
     api_key = APIKeyHeader(name=TOKEN_HEADER, auto_error=False, description="the agent token")
 

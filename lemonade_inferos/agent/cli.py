@@ -48,8 +48,10 @@ def register(subparsers: Any) -> None:
         description="Print the agent's metrics as one line: TPS, FTL (first-token latency), memory, utilisation.",
     )
     s.add_argument("--watch", action="store_true", help="print a line every --interval seconds until Ctrl-C")
-    s.add_argument("--interval", type=float, default=2.0, help="seconds between lines with --watch (default 2)")
-    s.add_argument("--count", type=int, default=0, help="with --watch: stop after N lines (0 = until Ctrl-C)")
+    s.add_argument("--interval", type=_positive_seconds("--interval"), default=2.0,
+                   help="seconds between lines with --watch, > 0 (default 2)")
+    s.add_argument("--count", type=_non_negative_int("--count"), default=0,
+                   help="with --watch: stop after N lines (0 = until Ctrl-C)")
     s.add_argument("--json", action="store_true", help="print the full metrics JSON instead")
     s.set_defaults(func=cmd_status)
 
@@ -92,6 +94,52 @@ def _raise_interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _positive_seconds(flag: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number of seconds") from None
+        if not (0 < v < 86400):
+            raise argparse.ArgumentTypeError(f"{flag} {text} is not allowed; must be > 0 and < 86400 seconds")
+        return v
+
+    return parse
+
+
+def _non_negative_int(flag: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not an integer") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{flag} {v} is not allowed; must be >= 0")
+        return v
+
+    return parse
+
+
+def _check_state_dir(path: Any) -> str | None:
+    """None when ``path`` is (or can be made) a writable directory, else why not."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"--state-dir {str(p)!r} cannot be created: {e.strerror or e}"
+    if not p.is_dir():
+        return f"--state-dir {str(p)!r} is not a directory"
+    probe = p / f".inferos-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"--state-dir {str(p)!r} is not writable: {e.strerror or e}"
+    return None
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from ..policy import PolicyError, load_policy
     from .auth import TokenError, fingerprint, load_or_create_token
@@ -120,6 +168,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
               f"http://{args.host}:{port}`), or pick --port", file=sys.stderr)
         return EXIT_USAGE
     state_dir = args.state_dir or default_state_dir()
+    problem = _check_state_dir(state_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"inferos agent on http://{host}:{port}  dashboard: http://{host}:{port}/dashboard\n"
           f"  token: {fingerprint(token)} (from {source}; never printed)   state: {state_dir}", file=sys.stderr)

@@ -16,12 +16,14 @@ in the future):
   closest ranks, numpy's default), std (population standard deviation).
 * ``first_token_latency`` = the reports' ``ttft_ms`` as measured by the engine (never
   estimated); reports without it are left out; null when none has it.
-* ``quality.delta_ppl_est`` = ``exp(mean NLL of non-baseline reports) - exp(mean NLL of
-  baseline-mode reports)`` (baseline = ``baseline: true`` or ``policy_name == "baseline"``), where NLL is each report's ``prompt_nll`` (nats/token over its
-  prompt), averaged weighted by prompt tokens. The baseline side uses the baseline-mode
-  reports in the window, else the most recent ones seen (``baseline_reference_size``).
-  Null when either side has no data. It is an *estimate*: the two groups ran different
-  prompts, so a difference in prompt difficulty shows up as ΔPPL too.
+* ``quality.delta_ppl_est`` compares like with like: only prompts (``prompt_hash``) that
+  both a non-baseline report in the window and a baseline-mode report (baseline =
+  ``baseline: true`` or ``policy_name == "baseline"``; in the window, else the most recent
+  ones seen, ``baseline_reference_size``) have. Over those prompts it is
+  ``exp(mean NLL of the non-baseline reports) - exp(mean NLL of the baseline reports)``,
+  NLL being each report's ``prompt_nll`` (nats/token over its prompt), each side averaged
+  weighted by prompt tokens. Null (with the reason) when no prompt ran both ways: different
+  prompts differ in difficulty, which is not a quality loss.
 * ``memory`` (MB = 10^6 bytes): ``kv_cache_usage_mb`` = the newest report's
   ``kv.total_bytes`` (resident KV storage at the end of that request, quantization metadata
   included); ``total_allocated_mb`` = sum over instances of each instance's newest
@@ -87,6 +89,7 @@ class Report:
     policy_name: str = ""
     provider: str = ""
     dropped: int = 0
+    prompt_hash: str = ""
 
     @property
     def t(self) -> float:
@@ -111,6 +114,7 @@ class Report:
             latency_ms=total_ms if total_ms > 0 else max(0.0, (end - start) * 1000.0),
             decode_tps=float(payload.get("decode_tps", 0.0)),
             prompt_nll=None if payload.get("prompt_nll") is None else float(payload["prompt_nll"]),
+            prompt_hash=str(payload.get("prompt_hash") or ""),
             kv_total_bytes=int(kv.get("total_bytes", 0)),
             kv_fp16_bytes=int(kv.get("fp16_bytes", 0)),
             kv_level_distribution={str(k): int(v) for k, v in (kv.get("level_distribution") or {}).items()},
@@ -266,13 +270,17 @@ def first_token_latency(reports: list[Report]) -> dict[str, Any]:
 
 def quality(reports: list[Report], baseline_reference: list[Report]) -> dict[str, Any]:
     """``quality`` section: ΔPPL estimate from prompt NLL (see the module docstring)."""
-    cur_nll, n_cur = weighted_nll(r for r in reports if not r.baseline)
-    in_window_base = [r for r in reports if r.baseline]
-    base_nll, n_base = weighted_nll(in_window_base)
+    cur = [r for r in reports if not r.baseline and r.prompt_hash]
+    base_pool = [r for r in reports if r.baseline and r.prompt_hash]
     base_source = "window"
-    if base_nll is None:
-        base_nll, n_base = weighted_nll(baseline_reference)
-        base_source = "recent baseline-mode reports" if base_nll is not None else "none"
+    if not {r.prompt_hash for r in base_pool} & {r.prompt_hash for r in cur}:
+        base_pool = [r for r in baseline_reference if r.prompt_hash]
+        base_source = "recent baseline-mode reports"
+    paired = {r.prompt_hash for r in cur} & {r.prompt_hash for r in base_pool}
+    if not paired:
+        base_source = "none: no prompt ran both with the policy and in baseline mode"
+    cur_nll, n_cur = weighted_nll(r for r in cur if r.prompt_hash in paired)
+    base_nll, n_base = weighted_nll(r for r in base_pool if r.prompt_hash in paired)
     cur_ppl, base_ppl = _ppl(cur_nll), _ppl(base_nll)
     delta = cur_ppl - base_ppl if cur_ppl is not None and base_ppl is not None else None
     return {
@@ -281,8 +289,10 @@ def quality(reports: list[Report], baseline_reference: list[Report]) -> dict[str
             "baseline": _r(base_ppl, 4),
             "delta": _r(delta, 4),
             "measurement": {
-                "method": "exp(prompt-token-weighted mean prompt NLL) of non-baseline reports minus the same "
-                "over baseline-mode reports; an estimate (the groups ran different prompts)",
+                "method": "over the prompts that ran both with the policy and in baseline mode: "
+                "exp(prompt-token-weighted mean prompt NLL) of the non-baseline reports minus the same over "
+                "the baseline-mode reports",
+                "paired_prompts": len(paired),
                 "samples": n_cur,
                 "baseline_samples": n_base,
                 "baseline_source": base_source,

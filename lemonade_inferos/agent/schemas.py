@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-MAX_COUNT = 10**12          # tokens, blocks, dropped reports
+MAX_COUNT = 10**12          # blocks, dropped reports
+MAX_TOKENS = 10**8          # tokens of one request (contexts are far below 100 M tokens)
+MAX_TPS = 1e6               # tokens/s of one stream: no local LLM decodes a million tokens/s
 MAX_BYTES = 2**50           # 1 PiB
 MAX_MS = 1e9                # ~11.6 days, in milliseconds
 MAX_UNIX_TIME = 1e11        # year ~5138, UNIX seconds
 
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 Ms = Annotated[float, Field(ge=0, le=MAX_MS)]
 ShortStr = Annotated[str, Field(max_length=256)]
@@ -30,7 +33,7 @@ class _In(BaseModel):
 class KVStatsIn(_In):
     """``RunStats.kv`` (:class:`lemonade_inferos.types.KVStats.to_dict()`); sizes in bytes."""
 
-    tokens: Count = 0
+    tokens: Tokens = 0
     total_bytes: Bytes = Field(0, description="resident KV storage incl. quantization metadata, bytes")
     bytes_by_tier: dict[ShortStr, Bytes] = Field(default_factory=dict, max_length=32)
     level_distribution: dict[ShortStr, Count] = Field(
@@ -82,24 +85,42 @@ class StatsReport(_In):
     model: str = Field("", max_length=1024)
     start_time: float = Field(..., ge=0, le=MAX_UNIX_TIME, description="request start, UNIX seconds")
     end_time: float = Field(..., ge=0, le=MAX_UNIX_TIME, description="request end, UNIX seconds")
-    prompt_tokens: Count = 0
-    generated_tokens: Count = 0
+    prompt_tokens: Tokens = 0
+    generated_tokens: Tokens = 0
     ttft_ms: Ms | None = Field(None, description="measured time to first token, ms")
     prefill_ms: Ms = 0.0
     decode_ms: Ms = 0.0
     total_ms: Ms = Field(0.0, description="end-to-end request time, ms")
-    decode_tps: float = Field(0.0, ge=0, le=1e9, description="decode tokens/s")
+    decode_tps: float = Field(0.0, ge=0, le=MAX_TPS, description="decode tokens/s")
     peak_rss_bytes: Bytes = Field(0, description="process peak resident set size, bytes")
     prompt_nll: float | None = Field(None, ge=0, le=100, description="mean prompt NLL, nats/token")
+    prompt_hash: str = Field("", max_length=64, pattern=r"^[0-9a-f]*$",
+                             description="fingerprint of the prompt's token ids (pairs reports of the same prompt)")
     finish_reason: str = Field("", max_length=64)
     kv: KVStatsIn = Field(default_factory=KVStatsIn)
     cache_n: Count = Field(0, description="prompt tokens reused from the prefix cache (not prefilled)")
     prefix_cache: PrefixCacheIn = Field(default_factory=PrefixCacheIn)
     baseline: bool = False
-    policy_name: str = Field("", max_length=256)
+    policy_name: str = Field("", max_length=128, description="the policy that ran (no control/format characters)")
     provider: str = Field("", max_length=128)
     backend: str = Field("", max_length=64)
     notes: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=64)
+
+    @field_validator("policy_name")
+    @classmethod
+    def _policy_name(cls, v: str) -> str:
+        from ..policy import check_policy_name
+
+        return check_policy_name(v) if v else v
+
+    @model_validator(mode="after")
+    def _plausible_rate(self) -> "StatsReport":
+        """Generated tokens over the request time may not exceed MAX_TPS: counts and times
+        that are each in range but imply an impossible rate are refused."""
+        if self.total_ms > 0 and self.generated_tokens / (self.total_ms / 1e3) > MAX_TPS:
+            raise ValueError(f"generated_tokens={self.generated_tokens} in total_ms={self.total_ms} is "
+                             f"{self.generated_tokens / (self.total_ms / 1e3):.3g} tokens/s; at most {MAX_TPS:g} is plausible")
+        return self
 
     @field_validator("end_time")
     @classmethod

@@ -41,7 +41,7 @@ from ..plugins import InferosManager, NoopManager, get_plugin_manager
 from ..ort_options import prime_run_options
 from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
-from ..types import InferenceContext, KVStats, RunStats
+from ..types import InferenceContext, KVStats, RunStats, prompt_fingerprint
 from .prefix_cache import PrefixCache, TailLogits, prefix_cache_bytes_from_env
 from .prompt_nll import PromptNLL
 from .sampling import GenerationConfig, select_token
@@ -53,6 +53,12 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("lemonade_inferos.engine")
 
 OnToken = Callable[[int, str], "bool | None"]
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (onnxruntime messages can span pages)."""
+    text = " ".join(str(e).split())[:limit]
+    return text or type(e).__name__
 
 
 class ContextLengthError(ValueError):
@@ -316,7 +322,8 @@ class Engine:
         pm: InferosManager = NoopManager() if baseline else self.pm
         base = baseline_policy() if baseline else (policy or self.policy)
         t0 = time.perf_counter()
-        stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline)
+        stats = RunStats(request_id=context.request_id, model=context.model, prompt_tokens=len(ids), baseline=baseline,
+                         prompt_hash=prompt_fingerprint(ids))
         try:
             eff = pm.before_request(context, base)
             if eff.quality.guard and eff.kv.mode != "disabled" and self.backend == "ort":
@@ -365,6 +372,8 @@ class Engine:
         reuse = self.prefix_cache.begin(ids, cache, budget_ppl=budget, max_kld=policy.quality.max_kld,
                                         enabled=context.cache_prompt and not stats.baseline)
         start = stats.cache_n = reuse.start
+        if start:  # prompt_nll scores only ids[start + 1:]: not comparable with a full prefill's
+            stats.prompt_hash = prompt_fingerprint([*ids, -1, start])
         nll = PromptNLL(ids)
         tail = self.prefix_cache.tail_logits(reuse, cache, nll)  # the last prompt rows, for its probe
         try:
@@ -527,6 +536,38 @@ class Engine:
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
 
+    def preload(self, policy: Policy | None = None) -> None:
+        """Load and check the model before serving: build the KV store ``policy`` asks for
+        and the baseline one, create their sessions (or the onnxruntime-genai model) and run
+        one token through each. No request hooks fire and nothing is reported.
+
+        Raises:
+            ModelFolderError: a graph file is missing, or onnxruntime / onnxruntime-genai
+                cannot load or run it (message names the file and the reason).
+            PolicyError: the policy's KV store does not fit this model (e.g.
+                ``kv.budget_bytes`` below the model's minimum).
+        """
+        policy = policy or self.policy
+        if self.backend == "oga":
+            try:
+                self._oga_model(policy)
+            except Exception as e:
+                raise ModelFolderError(f"model folder {str(self.spec.folder)!r}: onnxruntime-genai cannot load it "
+                                       f"(corrupt or unsupported model file): {_first_line(e)}") from e
+            return
+        ctx = InferenceContext(model=self.spec.name, prompt_tokens=1, max_new_tokens=1, host="preload")
+        bos = np.array([[self.spec.bos_token_id]], dtype=np.int64)
+        for pm, pol in ((self.pm, policy), (NoopManager(), baseline_policy())):
+            cache = pm.kv_cache(pol, self.spec, ctx)
+            try:
+                sess = self.session(cache.graph_file, pol, pm)
+                self._run(sess, cache, bos, 0, prime_run_options(ort.RunOptions()), False)
+            except ModelFolderError:
+                raise
+            except Exception as e:
+                raise ModelFolderError(f"{str(self.spec.folder / cache.graph_file)!r}: onnxruntime cannot load or run "
+                                       f"it (corrupt or unsupported model file): {_first_line(e)}") from e
+
     def calibration_ids(self) -> list[int]:
         """The quality guard's calibration text: the model's own sample from BOS (temperature
         1.0, seed 0, baseline cache, one context length), generated once per engine."""
@@ -545,8 +586,13 @@ class Engine:
             self._guard = QualityGuard(lambda pol: evaluate_ids(self, self.calibration_ids(), pol), key=str(self.spec.folder))
         return self._guard
 
-    def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None) -> np.ndarray:
-        """Feed ``ids`` one token at a time through ``cache`` (the real cached decode path).
+    def teacher_forced_logits(self, ids: list[int], cache: KVCache, policy: Policy | None = None,
+                              chunk: int = 1) -> np.ndarray:
+        """Feed ``ids`` through ``cache`` (the real cached decode path), ``chunk`` tokens per run.
+
+        With ``chunk=1`` every token reads all earlier tokens from the cache (the exact
+        decode path). With ``chunk=k`` a token reads the earlier tokens of its own run at
+        float32 (as prefill does) and everything before the run from the cache.
 
         Returns:
             float32 ``[len(ids), vocab]``: row ``i`` is the next-token logits after
@@ -554,15 +600,22 @@ class Engine:
 
         Raises:
             ContextLengthError: more ids than the model's context.
+            ValueError: ``chunk < 1``.
         """
         if len(ids) > self.spec.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of {self.spec.context_length}")
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk} must be >= 1")
         policy = policy or self.policy
         sess = self.session(cache.graph_file, policy)
         ro = prime_run_options(ort.RunOptions())
         out = np.empty((len(ids), self.spec.vocab_size), dtype=np.float32)
         step = np.zeros((1, 1), dtype=np.int64)
-        for i, t in enumerate(ids):
-            step[0, 0] = t
-            out[i] = self._run(sess, cache, step, i, ro, True)[-1]
+        for i in range(0, len(ids), chunk):
+            if chunk == 1:
+                step[0, 0] = ids[i]
+                out[i] = self._run(sess, cache, step, i, ro, True)[-1]
+            else:
+                piece = np.array([ids[i:i + chunk]], dtype=np.int64)
+                out[i:i + piece.shape[1]] = self._run(sess, cache, piece, i, ro, True)
         return out

@@ -90,7 +90,10 @@ def select_token(logits: np.ndarray, cfg: GenerationConfig, seen: np.ndarray, rn
     logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0.0:
         return int(np.argmax(logits))
-    scaled = top_k_top_p_filter(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    # shift before scaling, in float64: a tiny temperature (down to 5e-324) sends every
+    # non-maximal logit to -inf (greedy in the limit) instead of overflowing to inf - inf = NaN
+    with np.errstate(over="ignore"):
+        scaled = top_k_top_p_filter((logits - logits.max()) / np.float64(cfg.temperature), cfg.top_k, cfg.top_p)
     scaled -= scaled.max()
     probs = np.exp(scaled)
     probs /= probs.sum()

@@ -31,7 +31,9 @@ class TextCodec:
         """Token ids of ``text``; starts with BOS when ``bos`` and the model's tokenizer adds
         one (``add_bos_token``; added once, never twice). Special-token text such as
         ``<|im_start|>`` in ``text`` becomes its special id (chat templates rely on it)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while the Rust tokenizer runs (encode holds it), so a
+        # long prompt tokenized in a worker thread does not stall the server's event loop
+        ids = self.tok.encode_batch([text], add_special_tokens=False)[0].ids
         if bos and self.spec.add_bos_token and (not ids or ids[0] != self.spec.bos_token_id):
             ids = [self.spec.bos_token_id, *ids]
         return ids

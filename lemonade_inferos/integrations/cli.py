@@ -140,13 +140,21 @@ def register(sub: Any) -> None:
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     """The ``inferos serve`` options (shared with the ``ryzenai-server`` entry point,
     :func:`lemonade_inferos.integrations.server.ryzenai_main`)."""
+    from ..listen import port_number
     from .server import DEFAULT_PORT, DEFAULT_QUEUE_TIMEOUT
 
     s.add_argument("-m", "--model", metavar="MODEL_DIR", default=None,
                    help="model folder (genai_config.json + model.onnx + tokenizer); default: the embedded "
                    "stories260K model")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="N", help=f"TCP port (default {DEFAULT_PORT})")
+    s.add_argument("--port", type=port_number, default=DEFAULT_PORT, metavar="N",
+                   help=f"TCP port, 0..65535 (default {DEFAULT_PORT}; 0 = a free one)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the API has no auth)")
+    s.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="also accept requests whose Host header is NAME (repeatable; default: loopback names and "
+                   "the --host address). '*' accepts any Host: deliberate remote use behind a proxy; it also "
+                   "lets DNS-rebinding web pages reach the server")
+    s.add_argument("--max-body-bytes", type=_size("--max-body-bytes"), default=None, metavar="SIZE",
+                   help="request body limit, bytes or a size like 16MiB (default 8MiB); larger bodies get 413")
     s.add_argument("--ctx-size", type=_positive_int("--ctx-size", 2), default=None, metavar="N",
                    help="context cap in tokens (prompt + completion); larger than the model's = the model's")
     s.add_argument("--policy", metavar="PRESET|FILE", default=None,
@@ -160,7 +168,7 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="cap on generated tokens per request (default: the rest of the context)")
     s.add_argument("--model-id", default=None, metavar="NAME",
                    help="model name in responses and /v1/models (default: the model's name)")
-    s.add_argument("--prefix-cache-bytes", type=_size_arg("--prefix-cache-bytes"), default=None, metavar="SIZE",
+    s.add_argument("--prefix-cache-bytes", type=_size("--prefix-cache-bytes", lo=0), default=None, metavar="SIZE",
                    help="memory for KV states kept between requests, so a chat's next turn or a shared system "
                    "prompt is not prefilled again (bytes or a size like 512MiB; 0 = off; default: "
                    "INFEROS_PREFIX_CACHE_BYTES or 512MiB); least recently used states are evicted first")
@@ -183,14 +191,17 @@ def _positive_int(flag: str, lo: int) -> Any:
     return parse
 
 
-def _size_arg(flag: str) -> Any:
+def _size(flag: str, lo: int = 1) -> Any:
     def parse(text: str) -> int:
-        from ..policy import parse_size
+        from ..policy import PolicyError, parse_size
 
         try:
-            return parse_size(int(text) if text.strip().isdigit() else text, field=flag)
-        except ValueError as e:
+            v = parse_size(text, field=flag)
+        except (PolicyError, ValueError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not allowed; must be >= {lo} byte(s)")
+        return v
 
     return parse
 

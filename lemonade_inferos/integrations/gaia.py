@@ -29,10 +29,14 @@ flag                           effect
 What runs (all on 127.0.0.1): the control agent (``inferos agent``, when this install has
 it) on a free port with a fresh token and its own state dir under the work dir (the user's
 persisted agent policy is never changed), then the policy is POSTed to it; the backend
-``inferos serve --policy <work dir>/policy.yaml`` with ``INFEROS_AGENT_URL`` /
-``INFEROS_AGENT_TOKEN`` so its requests report to the agent; then ``gaia-cli ARGS`` with
+``inferos serve`` with ``INFEROS_AGENT_URL`` / ``INFEROS_AGENT_TOKEN``, so it runs the
+agent's policy (``inferos policy set`` changes it live) and reports every request there —
+without an agent it gets ``--policy <work dir>/policy.yaml`` instead (an explicit
+``--policy`` would win over the agent's); then ``gaia-cli ARGS`` with
 ``LEMONADE_BASE_URL=http://127.0.0.1:PORT/api/v1``. The work dir (``$TMPDIR/inferos-gaia-*``)
-keeps the policy and the processes' logs. ``--backend-url`` / ``INFEROS_BACKEND_URL`` and
+holds the policy and the processes' logs while they run; it is removed when ``inferos gaia``
+exits, unless ``--keep-running`` (the processes still use it). A service that fails to
+start is reported with the tail of its log first. ``--backend-url`` / ``INFEROS_BACKEND_URL`` and
 ``INFEROS_AGENT_URL`` reuse running services instead. ``--dry-run`` prints all of it and
 starts nothing.
 """
@@ -284,7 +288,9 @@ def build_plan(args: argparse.Namespace, env: dict[str, str] | None = None) -> P
     else:
         port = args.backend_port or free_port()
         argv = [*inferos, "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--policy", str(workdir / "policy.yaml"), "--max-concurrency", str(args.batch_size)]
+                "--max-concurrency", str(args.batch_size)]
+        if agent is None:  # with an agent the backend runs the agent's policy (see the module docstring)
+            argv += ["--policy", str(workdir / "policy.yaml")]
         if args.model_dir:
             argv[4:4] = ["-m", str(args.model_dir)]
         if args.ctx_size:
@@ -439,8 +445,13 @@ def run_gaia(args: argparse.Namespace) -> int:
         return 127
     plan.gaia.argv[0] = gaia_exe
     started: list[Started] = []
+    made_workdir = False
     try:
-        plan.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            plan.workdir.mkdir(parents=True)
+        except FileExistsError:
+            raise GaiaLaunchError(f"work dir {plan.workdir} already exists; run again") from None
+        made_workdir = True
         plan.policy_file.write_text(policy_yaml(plan.policy), encoding="utf-8")
         if plan.agent_note:
             print(f"inferos gaia: {plan.agent_note}", file=sys.stderr)
@@ -479,6 +490,8 @@ def run_gaia(args: argparse.Namespace) -> int:
         else:
             for s in reversed(started):
                 _stop(s)
+            if made_workdir:  # policy + logs: nothing runs from it any more
+                shutil.rmtree(plan.workdir, ignore_errors=True)
 
 
 def _configure_agent(plan: Plan) -> None:

@@ -50,6 +50,15 @@ Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 
 ``invalid_request_error`` names the field, the value and what is allowed; a prompt that
 leaves no room in the context (``prompt_tokens >= ctx``) is 400 with code
 ``context_length_exceeded``.
+Anything that goes wrong on the server's side (a plugin, the policy's KV store, the model)
+is 500 ``server_error`` naming the cause, never a 400.
+
+Request guard (:mod:`~lemonade_inferos.integrations.serve_guard`, shared with the agent):
+``Host`` must be a loopback name, the bound address or an ``--allowed-host`` (421), bodies
+over ``--max-body-bytes`` get 413, bodies must be ``application/json`` (415), JSON nested
+deeper than 64 levels is 400. Parsing and tokenization run in worker threads. :func:`serve`
+binds the port and loads and runs the model (:meth:`Engine.preload`) before it answers
+``/health``.
 
 Usage and timings
 -----------------
@@ -103,6 +112,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from .serve_guard import off_loop
+
 log = logging.getLogger("lemonade_inferos.serve")
 
 PREFIXES = ("", "/v1", "/api/v1", "/api/v0")
@@ -140,7 +151,10 @@ def _bad(param: str, value: Any, allowed: str) -> APIError:
 
 # -- field validation -----------------------------------------------------------------------
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number that fits a float (``10**400`` is an int JSON allows, not a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) < 1.7e308 if isinstance(v, int) else math.isfinite(v)
 
 
 def _number(body: dict, name: str, lo: float | None, hi: float | None, allowed: str, *, lo_open: bool = False) -> float | None:
@@ -650,14 +664,14 @@ class App:
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
     async def json_body(request: Any) -> dict:
+        """The body as a JSON object, parsed off the event loop (400 if it is not one)."""
+        from .serve_guard import parse_json_object
+
         raw = await request.body()
         try:
-            body = json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
+            return await off_loop(parse_json_object, raw)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     def check_ids(self, ids: list[int], param: str) -> list[int]:
         ctx = self.state.options.ctx_size
@@ -776,8 +790,7 @@ class App:
             e = job.error
             if isinstance(e, ContextLengthError):
                 raise APIError(400, str(e), param="messages" if "chat" in endpoint else "prompt", code="context_length_exceeded")
-            if isinstance(e, ValueError):
-                raise APIError(400, str(e))
+            # anything else is the server's fault (a plugin, the policy, the model), not the client's
             log.error("request %s failed: %r", job.context.request_id, e, exc_info=e)
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
         res = job.result
@@ -808,7 +821,7 @@ class App:
         st = self.state
         cfg, requested = parse_generation(body, st.defaults, max_tokens_field=("max_tokens", "max_completion_tokens"))
         stream = _bool(body, "stream")
-        ids = self.check_ids(self.chat_ids(body.get("messages")), "messages")
+        ids = self.check_ids(await off_loop(self.chat_ids, body.get("messages")), "messages")
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         shape = ChatShape(rid, st.options.model_id, int(time.time()), include_usage=_include_usage(body))
         return await self.generate(request, "/v1/chat/completions", body, ids, shape, cfg, requested, stream)
@@ -818,7 +831,7 @@ class App:
         st = self.state
         cfg, requested = parse_generation(body, st.defaults, max_tokens_field=("max_tokens",))
         stream = _bool(body, "stream")
-        ids, text = self.prompt_ids(body)
+        ids, text = await off_loop(self.prompt_ids, body)
         self.check_ids(ids, "prompt")
         echo = text if _bool(body, "echo") else ""
         rid = "cmpl-" + uuid.uuid4().hex[:24]
@@ -830,7 +843,7 @@ class App:
         st = self.state
         cfg, requested = parse_generation(body, st.defaults, max_tokens_field=("max_output_tokens",))
         stream = _bool(body, "stream")
-        ids = self.check_ids(self.chat_ids(_responses_messages(body), "input"), "input")
+        ids = self.check_ids(await off_loop(self.chat_ids, _responses_messages(body), "input"), "input")
         rid = "resp_" + uuid.uuid4().hex[:24]
         shape = ResponsesShape(rid, st.options.model_id, int(time.time()), request=body)
         return await self.generate(request, "/v1/responses", body, ids, shape, cfg, requested, stream)
@@ -885,6 +898,8 @@ def create_app(
     max_tokens: int | None = None,
     model_id: str | None = None,
     template: Any = None,
+    max_body_bytes: int | None = None,
+    allowed_hosts: Any = LOOPBACK,
 ) -> Any:
     """The FastAPI app serving ``engine`` (see the module docstring for the endpoints).
 
@@ -898,6 +913,9 @@ def create_app(
         model_id: the name responses and ``/models`` give (default: the folder's name).
         template: a :class:`~lemonade_inferos.integrations.chat.ChatTemplate`
             (default: the model folder's).
+        max_body_bytes: request body limit in bytes (413 above it); None = 8 MiB.
+        allowed_hosts: accepted ``Host`` header names (any port); None accepts any
+            (see :mod:`~lemonade_inferos.integrations.serve_guard`).
 
     Raises:
         ValueError: a limit is out of range (names it).
@@ -910,6 +928,7 @@ def create_app(
 
     from .. import __version__
     from .chat import ChatTemplate
+    from .serve_guard import DEFAULT_MAX_BODY_BYTES, add_guard
 
     model_ctx = int(engine.spec.context_length)
     if ctx_size is not None and (not isinstance(ctx_size, int) or ctx_size < 2):
@@ -920,6 +939,8 @@ def create_app(
         raise ValueError(f"queue_timeout={queue_timeout!r} is not allowed; must be > 0 seconds (or None)")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens={max_tokens!r} is not allowed; must be an integer >= 1 (or None)")
+    if max_body_bytes is not None and (not isinstance(max_body_bytes, int) or max_body_bytes < 1):
+        raise ValueError(f"max_body_bytes={max_body_bytes!r} is not allowed; must be an integer >= 1 (or None)")
     folder = Path(engine.spec.folder)
     options = ServerOptions(
         model_id=model_id or engine.spec.name or folder.name,
@@ -938,6 +959,7 @@ def create_app(
     app = FastAPI(title="inferos serve", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="OpenAI-compatible backend on the inferos engine (Lemonade ryzenai-server contract).")
     app.state.inferos = state
+    add_guard(app, allowed_hosts=allowed_hosts, max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -1048,8 +1070,10 @@ def serve(args: argparse.Namespace) -> int:
 
     Returns an exit code (2 with a message on stderr for a bad model folder or policy).
     """
+    from ..listen import ListenError, listen_socket
     from ..model.spec import ModelFolderError
     from ..policy import PolicyError
+    from .serve_guard import allowed_hosts_for
 
     verbose = bool(getattr(args, "serve_verbose", False) or getattr(args, "verbose", False))
     logging.getLogger("lemonade_inferos").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -1061,6 +1085,11 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "baseline", False):
         os.environ["INFEROS_DISABLE"] = "1"
     try:
+        sock = listen_socket(args.host, args.port)  # before loading: a busy port fails at once
+    except ListenError as e:
+        print(f"inferos serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
         from ..host import build_engine
 
         model = args.model
@@ -1071,9 +1100,14 @@ def serve(args: argparse.Namespace) -> int:
         engine = build_engine(model, args.policy)
         if getattr(args, "prefix_cache_bytes", None) is not None:
             engine.prefix_cache.set_max_bytes(args.prefix_cache_bytes)
+        # load and run the model now: /health answers only once requests can succeed
+        engine.preload()
         app = create_app(engine, ctx_size=args.ctx_size, max_concurrency=args.max_concurrency,
-                         queue_timeout=args.queue_timeout or None, max_tokens=args.max_tokens, model_id=args.model_id)
+                         queue_timeout=args.queue_timeout or None, max_tokens=args.max_tokens, model_id=args.model_id,
+                         max_body_bytes=getattr(args, "max_body_bytes", None),
+                         allowed_hosts=allowed_hosts_for(args.host, getattr(args, "allowed_host", None) or ()))
     except (ModelFolderError, PolicyError, ValueError, FileNotFoundError) as e:
+        sock.close()
         print(f"inferos serve: error: {e}", file=sys.stderr)
         return 2
     st: ServerState = app.state.inferos
@@ -1086,12 +1120,13 @@ def serve(args: argparse.Namespace) -> int:
           f"policy {'baseline (INFEROS_DISABLE=1)' if disabled else engine.policy.name}, "
           f"max concurrency {o.max_concurrency}, chat template {st.template.origin}, "
           f"prefix cache {_size_or_off(engine.prefix_cache.max_bytes)}", file=sys.stderr)
-    print(f"inferos serve: listening on http://{args.host}:{args.port} (OpenAI API at /v1 and /api/v1)",
+    port = sock.getsockname()[1]
+    print(f"inferos serve: listening on http://{args.host}:{port} (OpenAI API at /v1 and /api/v1)",
           file=sys.stderr, flush=True)
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
-                access_log=verbose, timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="info" if verbose else "warning",
+                                  access_log=verbose, timeout_graceful_shutdown=5)).run(sockets=[sock])
     return 0
 
 

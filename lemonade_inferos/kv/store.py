@@ -132,6 +132,26 @@ class StoreConfig:
         if self.sink_tokens < 0 or self.recent_window < 0:
             raise ValueError("sink_tokens and recent_window must be >= 0")
         GraphLayout(self.key_axis, self.key_group, self.value_group).check(spec.num_kv_heads, spec.head_dim)
+        need = self.min_budget_bytes(spec)
+        if self.budget_bytes is not None and self.mode != "disabled" and self.budget_bytes < need:
+            from ..policy import PolicyError  # the budget is a policy field: report it as one
+
+            row = int(spec.kv_bytes_per_token(2))
+            raise PolicyError([{
+                "field": "kv.budget_bytes", "value": self.budget_bytes,
+                "message": f"below this model's minimum of {need} bytes: the {self.sink_tokens} sink tokens, "
+                f"the {self.recent_window}-token recent window and a forming block of {self.block_len - 1} tokens "
+                f"always stay at float16 ({row} bytes per token); raise kv.budget_bytes to at least {need} "
+                "or lower kv.recent_window"}])
+
+    def min_budget_bytes(self, spec: DecoderSpec) -> int:
+        """The smallest ``budget_bytes`` this store can always meet on ``spec``'s model:
+        sink tokens + recent window + one not-yet-formed block (``block_len - 1`` tokens)
+        at float16 (``2 * layers * kv_heads * head_dim * 2`` bytes per token), capped at
+        the context length. Demoted blocks can always be evicted, so nothing else counts."""
+        row = int(spec.kv_bytes_per_token(2))
+        tokens = min(self.sink_tokens + self.recent_window + self.block_len - 1, int(spec.context_length))
+        return tokens * row
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -186,11 +206,17 @@ SCHEMES: dict[str, StoreConfig] = {
     "hf_quantized": StoreConfig(block_len=64, key_axis="channel", key_group=64, value_group=32,
                                 sink_tokens=0, recent_window=128, uniform_level=2,
                                 importance="none", name="hf_quantized"),
+    # KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+    # Cache"): keys per channel in groups of 32 tokens, values per token in groups of 32
+    # channels, a 128-token full-precision residual; at 4 bits (the store has no 2-bit level)
+    "kivi4": StoreConfig(block_len=32, key_axis="channel", key_group=32, value_group=32,
+                         sink_tokens=0, recent_window=128, uniform_level=2,
+                         importance="none", name="kivi4"),
 }
 
 
 def store_for_scheme(name: str, spec: DecoderSpec, policy=None) -> "TieredKVCache":
-    """A store for a named scheme: ``fp16``, ``q8_0``, ``q4_0``, ``hf_quantized`` or
+    """A store for a named scheme: ``fp16``, ``q8_0``, ``q4_0``, ``hf_quantized``, ``kivi4`` or
     ``tiered`` (the policy's tiered store; ``policy`` defaults to the ``default`` preset).
 
     Raises:

@@ -11,28 +11,33 @@ hashes, weight precision and converter version, so an up-to-date folder is not r
 
 Files are written into a temporary sibling directory which is then renamed into place,
 so an interrupted conversion never leaves a half-written folder at ``out_dir``.
+
+The folder is written through :mod:`lemonade_inferos.model.output_dir` (every converter ends
+in :func:`write_model_folder`): into a staging directory beside ``out_dir`` that is renamed
+into place when complete, so an interrupted conversion never leaves a half-written folder;
+an existing ``out_dir`` is replaced only when it is a previous inferos model folder or an
+empty directory (``overwrite=True`` for anything else), and never when it is, or holds, an
+input, the current directory or one of its parents. Each converter checks ``out_dir`` before
+it reads its inputs, so a refused path fails at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .export import StandardKVAdapter, build_decoder, save_model
 from .hf_tokenizer import TokenizerFiles
 from .llama2c import load_llama2c
+from .output_dir import MANIFEST, check_output_dir, commit_output_dir, discard_output_dir, prepare_output_dir
 from .precision import FOLD_NORMS, PRECISIONS, apply_weight_precision
 from .tokenizer import BOS_ID, EOS_ID, Llama2cTokenizer
 from .weights import DecoderConfig, DecoderWeights
 
 #: bump when the produced files change, so cached conversions are rebuilt.
 CONVERTER_VERSION = "8"
-MANIFEST = "inferos_manifest.json"
 
 ATTRIBUTION = """\
 This model folder was converted by lemonade-inferos from a llama2.c checkpoint.
@@ -188,6 +193,8 @@ def write_model_folder(
     attribution: str = "",
     precision: str = "fp32",
     progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Write the model folder for ``weights`` (every converter ends here).
 
@@ -201,17 +208,20 @@ def write_model_folder(
         attribution: text of ``LICENSE`` (keep the source's licence and authors).
         precision: weight storage (:data:`~lemonade_inferos.model.precision.PRECISIONS`).
         progress: called with a short message at each stage.
+        overwrite: also replace an ``out_dir`` that is not an inferos model folder
+            (:func:`~lemonade_inferos.model.output_dir.prepare_output_dir` ``force``).
+        inputs: the files/folders the conversion read; never replaced.
 
     Raises:
         ValueError: ``precision`` is unknown.
+        OutputDirError (a ValueError): ``out_dir`` may not be replaced; nothing was written.
         OSError: the folder cannot be written (nothing is left half-written).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"weights={precision!r} is not allowed; must be one of {', '.join(PRECISIONS)}")
     say = progress or (lambda _msg: None)
-    out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = Path(out_dir).expanduser().absolute()
+    tmp = prepare_output_dir(out, force=overwrite, inputs=inputs)
     transform = (lambda m: apply_weight_precision(m, precision))
     fold = FOLD_NORMS[precision]
     try:
@@ -236,9 +246,9 @@ def write_model_folder(
         manifest["config"]["head_size"] = c.head_size
         manifest["config"]["qkv_bias"] = weights.has_qkv_bias
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        commit_output_dir(tmp, out, force=overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_output_dir(tmp)
         raise
     say(f"wrote {out}")
     return out
@@ -251,6 +261,7 @@ def convert_llama2c(
     *,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a llama2.c checkpoint and tokenizer into a model folder (float32 weights).
 
@@ -260,6 +271,8 @@ def convert_llama2c(
         out_dir: folder to create or replace.
         progress: called with a short message at each stage.
         force: convert even when ``out_dir`` is already up to date.
+        overwrite: also replace an ``out_dir`` that is not an inferos model folder (a file,
+            a non-empty directory); inputs and the current directory never are.
 
     Returns:
         ``out_dir`` resolved.
@@ -271,17 +284,20 @@ def convert_llama2c(
     """
     say = progress or (lambda _msg: None)
     checkpoint, tokenizer = Path(checkpoint), Path(tokenizer)
-    out = Path(out_dir).expanduser().resolve()
+    out = Path(out_dir).expanduser().absolute()
     if not force and is_up_to_date(out, checkpoint, tokenizer, weights="fp32"):
         say(f"{out} is up to date")
         return out
+    inputs = [checkpoint, tokenizer]
+    check_output_dir(out, force=overwrite, inputs=inputs)  # before reading: a refused OUT fails at once
     manifest = expected_manifest(checkpoint, tokenizer)
     say(f"loading {checkpoint}")
     weights = load_llama2c(checkpoint)
     tok = Llama2cTokenizer.load(tokenizer, weights.config.vocab_size)
     return write_model_folder(
         weights, out, manifest=manifest, write_tokenizer=lambda d: tok.write_hf_files(d, weights.config.seq_len),
-        bos_token_id=BOS_ID, eos_token_ids=[EOS_ID], attribution=ATTRIBUTION, precision="fp32", progress=say)
+        bos_token_id=BOS_ID, eos_token_ids=[EOS_ID], attribution=ATTRIBUTION, precision="fp32", progress=say,
+        overwrite=overwrite, inputs=inputs)
 
 
 def _write_tokenizer_files(files: TokenizerFiles) -> Callable[[Path], object]:
@@ -296,6 +312,7 @@ def convert_gguf(
     progress: Callable[[str], None] | None = None,
     force: bool = False,
     attribution: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a Llama-family GGUF file (``llama``, ``qwen2``) into a model folder.
 
@@ -307,6 +324,8 @@ def convert_gguf(
             quantized to 6 bits or fewer (:attr:`~lemonade_inferos.model.gguf.GGUFModel.auto_precision`).
         progress: called with a short message at each stage.
         force: convert even when ``out_dir`` is already up to date.
+        overwrite: also replace an ``out_dir`` that is not an inferos model folder (a file,
+            a non-empty directory); inputs and the current directory never are.
         attribution: ``LICENSE`` text (default: the GGUF's ``general.*`` names and licence).
 
     Raises:
@@ -320,10 +339,11 @@ def convert_gguf(
         raise ValueError(f"weights={weights!r} is not allowed; must be auto or one of {', '.join(PRECISIONS)}")
     say = progress or (lambda _msg: None)
     src = Path(gguf_file)
-    out = Path(out_dir).expanduser().resolve()
+    out = Path(out_dir).expanduser().absolute()
     if not force and is_up_to_date(out, src, converter="convert_gguf", weights=None if weights == "auto" else weights):
         say(f"{out} is up to date")
         return out
+    check_output_dir(out, force=overwrite, inputs=[src])
     say(f"reading {src}")
     model = load_gguf(src, progress=say)
     if weights == "auto":
@@ -339,7 +359,7 @@ def convert_gguf(
     return write_model_folder(
         model.weights, out, manifest=manifest, write_tokenizer=_write_tokenizer_files(t),
         bos_token_id=t.bos_token_id, eos_token_ids=t.eos_token_ids, pad_token_id=t.pad_token_id,
-        attribution=attribution, precision=weights, progress=say)
+        attribution=attribution, precision=weights, progress=say, overwrite=overwrite, inputs=[src])
 
 
 def convert_hf(
@@ -349,6 +369,7 @@ def convert_hf(
     weights: str = "auto",
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a Hugging Face checkpoint folder (``config.json`` + ``*.safetensors``) of a
     ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` into a model folder.
@@ -369,10 +390,11 @@ def convert_hf(
         raise ValueError(f"weights={weights!r} is not allowed; must be one of {', '.join(PRECISIONS)}")
     say = progress or (lambda _msg: None)
     src = Path(hf_dir)
-    out = Path(out_dir).expanduser().resolve()
+    out = Path(out_dir).expanduser().absolute()
     if not force and is_up_to_date(out, src, converter="convert_hf", weights=weights):
         say(f"{out} is up to date")
         return out
+    check_output_dir(out, force=overwrite, inputs=[src])
     say(f"reading {src}")
     model = load_hf(src, progress=say)
     manifest = expected_manifest(src, converter="convert_hf", weights=weights)
@@ -383,22 +405,4 @@ def convert_hf(
     return write_model_folder(
         model.weights, out, manifest=manifest, write_tokenizer=model.write_tokenizer,
         bos_token_id=model.bos_token_id, eos_token_ids=model.eos_token_ids, pad_token_id=model.pad_token_id,
-        attribution=attribution, precision=weights, progress=say)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` folder to ``dst``, replacing an old ``dst`` atomically
-    enough: the old folder is renamed aside first, then removed."""
-    os.chmod(src, 0o755)
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.rmdir(old)
-        os.rename(dst, old)
-        try:
-            os.rename(src, dst)
-        except OSError:
-            os.rename(old, dst)  # put the previous version back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
+        attribution=attribution, precision=weights, progress=say, overwrite=overwrite, inputs=[src])

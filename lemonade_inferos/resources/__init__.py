@@ -1,0 +1,1 @@
+"""Resource backends: the inferos kernel driver client (driver.py)."""
