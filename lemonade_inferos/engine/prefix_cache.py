@@ -41,7 +41,10 @@ Correctness rules
   the next tokens follow the fresh distribution), at the probe tokens' perplexity — the
   guard's absolute ΔPPL unit, with far less variance than the NLL difference of ~16
   sampled tokens. A state built on a reused one keeps the larger of its own and its
-  parent's cost. A state that could not be
+  parent's cost. Measured limit (benchmarks/RESULTS.md §5): the probe sees the state as
+  its prefill left it, not after the reply's decode steps re-tiered it; on
+  SmolLM2-135M with the ``default`` preset it measured KLD 0.006 where the next reply's
+  NLL rose by 0.034 nats/token. A state that could not be
   probed (nothing was quantized yet when its prefill ended, or the prefilled suffix was
   too short) takes the largest probe measured so far for its store configuration in this
   process; with no measurement at all it is never reused.
