@@ -124,7 +124,9 @@ def evaluate_ids(
         else:
             ctx = InferenceContext(model=spec.name, prompt_tokens=len(chunk), max_new_tokens=0, host="eval")
             cache = engine.pm.kv_cache(policy, spec, ctx)
-        comp = engine.teacher_forced_logits(chunk, cache, policy, tf_chunk)[:-1]
+        # both runs go through the same log-softmax -> float32 rounding, so identical logits
+        # score exactly alike (the baseline's log-probabilities may come from the memo)
+        comp = log_softmax(engine.teacher_forced_logits(chunk, cache, policy, tf_chunk)[:-1]).astype(np.float32)
         nll_b.append(token_nll(ref, targets))
         nll_c.append(token_nll(comp, targets))
         klds.append(kl_divergence(ref, comp))

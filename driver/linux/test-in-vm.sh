@@ -135,9 +135,11 @@ if [ -z "$ACCEL" ]; then
     printf '#!/bin/busybox sh\n/bin/busybox echo kvm-probe-ok\n/bin/busybox reboot -f\n' >"$probe/init"
     chmod +x "$probe/init"
     (cd "$probe" && find . | cpio -o -H newc --quiet) >"$RUN/kvm-probe.cpio"
-    if timeout 30 qemu-system-x86_64 -accel kvm -cpu host -m 256 -nodefaults -nographic -no-reboot \
-         -kernel "/boot/vmlinuz-$KVER" -initrd "$RUN/kvm-probe.cpio" \
-         -append "console=ttyS0 panic=-1 quiet" -serial stdio </dev/null 2>&1 | grep -q kvm-probe-ok; then
+    timeout 30 qemu-system-x86_64 -accel kvm -cpu host -m 256 -nodefaults -nographic -no-reboot \
+      -kernel "/boot/vmlinuz-$KVER" -initrd "$RUN/kvm-probe.cpio" \
+      -append "console=ttyS0 panic=-1 quiet" -serial "file:$RUN/kvm-probe.log" </dev/null \
+      >"$RUN/kvm-probe.qemu.log" 2>&1 || true
+    if grep -q kvm-probe-ok "$RUN/kvm-probe.log" 2>/dev/null; then
       ACCEL=kvm
     fi
   fi
