@@ -117,9 +117,11 @@ class StatsReport(_In):
     def _plausible_rate(self) -> "StatsReport":
         """Generated tokens over the request time may not exceed MAX_TPS: counts and times
         that are each in range but imply an impossible rate are refused."""
-        if self.total_ms > 0 and self.generated_tokens / (self.total_ms / 1e3) > MAX_TPS:
-            raise ValueError(f"generated_tokens={self.generated_tokens} in total_ms={self.total_ms} is "
-                             f"{self.generated_tokens / (self.total_ms / 1e3):.3g} tokens/s; at most {MAX_TPS:g} is plausible")
+        # tokens over MAX_TPS tokens/s, compared without dividing (total_ms = 5e-324 would
+        # underflow to 0 s and divide by zero)
+        if self.total_ms > 0 and self.generated_tokens * 1e3 > MAX_TPS * self.total_ms:
+            raise ValueError(f"generated_tokens={self.generated_tokens} in total_ms={self.total_ms} is more than "
+                             f"{MAX_TPS:g} tokens/s (the most that is plausible)")
         return self
 
     @field_validator("end_time")
