@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     rec = PostRunRecorder()
     # one engine for both engine variants: "no hooks" is its baseline mode (no-op manager),
     # so both share the model folder, tokenizer and process state; only the hooks differ
-    eng_hooks = Engine(folder, pm=get_plugin_manager(entry_points=False, extra=[("recorder", rec)]), policy=policy)
+    # prefix cache off: every repeat must prefill its prompt, like the baseline run
+    eng_hooks = Engine(folder, pm=get_plugin_manager(entry_points=False, extra=[("recorder", rec)]), policy=policy,
+                       prefix_cache_bytes=0)
     eng_plain = eng_hooks
     prompt = eng_hooks.encode(PROMPT)
     cfg = GenerationConfig(max_new_tokens=args.tokens, stop_on_eos=False)

@@ -138,7 +138,8 @@ class Worker:
         self.policy = load_policy(cfg["policy"])
         if cfg.get("threads") is not None:  # both variants alike (see --threads)
             self.policy = self.policy.merged({"runtime": {"intra_op_threads": int(cfg["threads"])}})
-        self.engine = Engine(cfg["folder"], pm=get_plugin_manager(entry_points=False), policy=self.policy)
+        # prefix cache off: repeats of one prompt must each prefill it (TTFT is measured)
+        self.engine = Engine(cfg["folder"], pm=get_plugin_manager(entry_points=False), policy=self.policy, prefix_cache_bytes=0)
         self.spec = self.engine.spec
         self.rng = np.random.default_rng(0)
         self.ro = prime_run_options(ort.RunOptions())

@@ -166,6 +166,7 @@ def _stats_line(st: Any) -> str:
     return (
         f"policy {st.policy_name or 'baseline'} | TTFT {ttft} | decode {st.decode_tps:.0f} tokens/s | "
         f"{st.generated_tokens} tokens | KV {kv.total_bytes:,} bytes [{kv.store}], KV/fp16 {kv_fraction_of_fp16(kv)}"
+        + (f" | {st.cache_n} prompt tokens from the prefix cache" if st.cache_n else "")
     )
 
 
@@ -226,6 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             eng.preload()
         except (PolicyError, ModelFolderError, ValueError, KeyError) as e:
             return _fail(str(e.args[0] if isinstance(e, KeyError) else e))
+    eng.prefix_cache.set_max_bytes(0)  # like for like: both modes prefill every prompt in full
     shown = prompts = DEMO_PROMPTS[: args.prompts]
     if chat_prompt(eng.spec.folder, "x") is not None:  # a chat model: questions through its template
         qs = CHAT_DEMO[: args.prompts]

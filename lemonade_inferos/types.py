@@ -38,6 +38,9 @@ class InferenceContext:
             flight) and ends generation with ``finish_reason == "deadline"``, keeping the
             tokens generated so far.
         host: which host runs the request ("cli", "serve", "lemonade", "bench", ...).
+        cache_prompt: False = do not start from (nor keep) a cached KV state of an earlier
+            request with the same prefix (llama.cpp server's ``cache_prompt``); the
+            prompt is prefilled in full.
         request_id: unique id, generated when not given.
         extra: free-form host data (never interpreted by inferos itself).
     """
@@ -50,6 +53,7 @@ class InferenceContext:
     quality_budget: float | None = None
     deadline_ms: float | None = None
     host: str = "cli"
+    cache_prompt: bool = True
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +111,54 @@ class KVStats:
 
 
 @dataclass
+class PrefixCacheStats:
+    """The engine's prefix cache (:mod:`lemonade_inferos.engine.prefix_cache`) after one
+    request: cumulative counters since the engine started and what it holds now.
+
+    ``lookups`` = requests that looked for a cached prefix, ``hits`` = those that reused
+    one (``hit_tokens`` prompt tokens in total, of ``lookup_tokens`` looked up);
+    ``bytes_held`` = distinct bytes of the cached KV states (shared blocks counted once);
+    ``logical_bytes`` = what the cached states would take if each held its own copy
+    (``bytes_saved`` = the difference); ``evictions`` / ``evicted_bytes`` = entries and
+    bytes dropped by the LRU limit (``max_bytes``) or by an external caller;
+    ``retokenize_mismatches`` = reuses whose common prefix ended inside the tokens an
+    earlier request generated (the chat template re-rendered them differently);
+    ``quality_rejects`` = cached quantized states not reused because their measured
+    quality cost exceeded the request's ``quality.max_delta_ppl``.
+    """
+
+    enabled: bool = False
+    lookups: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+    lookup_tokens: int = 0
+    entries: int = 0
+    blocks: int = 0
+    bytes_held: int = 0
+    logical_bytes: int = 0
+    max_bytes: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    retokenize_mismatches: int = 0
+    quality_rejects: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """hits / lookups (0 when nothing was looked up)."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def bytes_saved(self) -> int:
+        return max(0, self.logical_bytes - self.bytes_held)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hit_rate"] = round(self.hit_rate, 6)
+        d["bytes_saved"] = self.bytes_saved
+        return d
+
+
+@dataclass
 class RunStats:
     """Measured outcome of one generation request (PostRun payload).
 
@@ -115,8 +167,12 @@ class RunStats:
     estimated); ``decode_tps`` is generated tokens after the first divided by the decode
     wall time (tokens/s); ``peak_rss_bytes`` is the process peak resident set size.
     ``prompt_nll`` is the mean negative log-likelihood (nats/token) of the prompt tokens
-    under the model, computed from the prefill logits. ``kv`` is the KV cache at the end.
-    ``prompt_hash`` is :func:`prompt_fingerprint` of the prompt ids ("" when unknown).
+    under the model, computed from the prefill logits (the tokens prefilled in this
+    request). ``kv`` is the KV cache at the end. ``prompt_hash`` is
+    :func:`prompt_fingerprint` of the prompt ids ("" when unknown; with prefix reuse, of the
+    ids and the reused length, since ``prompt_nll`` then scores only the prefilled part).
+    ``cache_n`` is the number of prompt tokens whose KV state came from the prefix cache
+    (not prefilled); ``prefix_cache`` the cache's counters after this request.
     ``resources`` is the process's resource-manager view at the end of the request, taken
     while the request still holds its KV reservation (KV budget, memory pool, scheduler,
     fallback state and recent events), None without a resource manager.
@@ -138,6 +194,8 @@ class RunStats:
     prompt_hash: str = ""
     finish_reason: str = ""
     kv: KVStats = field(default_factory=KVStats)
+    cache_n: int = 0
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     baseline: bool = False
     policy_name: str = ""
     provider: str = "CPUExecutionProvider"
@@ -148,4 +206,5 @@ class RunStats:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["kv"] = self.kv.to_dict()
+        d["prefix_cache"] = self.prefix_cache.to_dict()
         return d

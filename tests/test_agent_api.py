@@ -342,3 +342,18 @@ def test_port_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFEROS_AGENT_PORT", "99999")
     with pytest.raises(BindError, match="out of range"):
         server.default_port()
+
+
+def test_stats_with_a_subnormal_total_ms_is_not_a_server_error(tmp_path):
+    """total_ms = 5e-324 (found by the fuzz test): the tokens/s plausibility check must not
+    divide by an underflowed zero."""
+    from lemonade_inferos.agent.server import BackgroundAgent
+
+    token = "sub-token-" + "s" * 24
+    with BackgroundAgent(state_dir=tmp_path, token=token) as agent:
+        body = {"instance": "fe2206", "start_time": 1.0, "end_time": 2.0, "total_ms": 5e-324, "ttft_ms": 5e-324,
+                "generated_tokens": 3}
+        r = requests.post(agent.url + "/v1/stats", json=body, headers={"X-Inferos-Token": token})
+        assert r.status_code == 422 and "tokens/s" in r.text
+        body.update(generated_tokens=0)
+        assert requests.post(agent.url + "/v1/stats", json=body, headers={"X-Inferos-Token": token}).status_code == 201

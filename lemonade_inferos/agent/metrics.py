@@ -30,6 +30,14 @@ in the future):
   included); ``total_allocated_mb`` = sum over instances of each instance's newest
   ``peak_rss_bytes`` (peak resident set size of every reporting inference process);
   ``peak_usage_mb`` = the largest single ``peak_rss_bytes`` in the window.
+* prefix cache (the engines' reuse of earlier requests' KV states): ``kv_stats.hit_rate`` =
+  ``memory.kv_cache_hit_rate`` = the share of the window's reports with the prefix cache on
+  that reused a cached prefix (``cache_n > 0``); ``kv_stats.token_hit_rate`` = their reused
+  prompt tokens / their prompt tokens; ``memory.prefix_cache_mb`` / ``prefix_cache_saved_mb``
+  = sum over instances of the newest report's ``prefix_cache.bytes_held`` / ``bytes_saved``
+  (bytes shared between cached states counted once / what sharing saves);
+  ``kv_stats.prefix_cache_evictions`` and ``retokenize_mismatches`` = sum over instances of
+  the newest report's cumulative counters.
 * ``kv_stats.level_distribution`` = tokens per level (L0 fp16 .. L3 evicted, summed over
   layers) summed over the window's non-baseline reports; ``compression_ratio`` = stored KV
   bytes / the same cache in float16 (lower is smaller; 0.28 ≈ 3.6x), non-baseline reports.
@@ -75,6 +83,8 @@ class Report:
     kv_level_distribution: dict[str, int] = field(default_factory=dict)
     kv_store: str = ""
     kv_active: bool = False
+    cache_n: int = 0
+    prefix_cache: dict[str, Any] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     baseline: bool = False
     policy_name: str = ""
@@ -113,6 +123,8 @@ class Report:
             kv_level_distribution={str(k): int(v) for k, v in (kv.get("level_distribution") or {}).items()},
             kv_store=str(kv.get("store", "")),
             kv_active=bool(kv.get("active", False)),
+            cache_n=int(payload.get("cache_n", 0)),
+            prefix_cache=dict(payload.get("prefix_cache") or {}),
             peak_rss_bytes=int(payload.get("peak_rss_bytes", 0)),
             baseline=is_baseline(payload),
             policy_name=str(payload.get("policy_name", "")),
@@ -299,6 +311,34 @@ def quality(reports: list[Report], baseline_reference: list[Report]) -> dict[str
     }
 
 
+def _newest_per_instance(reports: list[Report]) -> dict[str, Report]:
+    per_instance: dict[str, Report] = {}
+    for r in reports:
+        per_instance[r.instance] = r  # reports are sorted by end time: last wins
+    return per_instance
+
+
+def prefix_cache(reports: list[Report]) -> dict[str, Any]:
+    """Prefix-cache figures over the window (definitions in the module docstring); rates
+    None when no report had the prefix cache on."""
+    on = [r for r in reports if r.prefix_cache.get("enabled")]
+    newest = [r.prefix_cache for r in _newest_per_instance(on).values()]
+    prompt = sum(r.prompt_tokens for r in on)
+
+    def total(key: str) -> int:
+        return int(sum(int(p.get(key, 0)) for p in newest))
+
+    return {
+        "hit_rate": _r(sum(1 for r in on if r.cache_n > 0) / len(on), 4) if on else None,
+        "token_hit_rate": _r(sum(r.cache_n for r in on) / prompt, 4) if prompt else None,
+        "bytes_held": total("bytes_held"),
+        "bytes_saved": total("bytes_saved"),
+        "evictions": total("evictions"),
+        "retokenize_mismatches": total("retokenize_mismatches"),
+        "samples": len(on),
+    }
+
+
 def memory(reports: list[Report]) -> dict[str, Any]:
     """``memory`` section in MB (10^6 bytes)."""
     if not reports:
@@ -306,19 +346,24 @@ def memory(reports: list[Report]) -> dict[str, Any]:
             "kv_cache_usage_mb": None,
             "kv_cache_mean_mb": None,
             "kv_cache_peak_mb": None,
+            "kv_cache_hit_rate": None,
+            "prefix_cache_mb": None,
+            "prefix_cache_saved_mb": None,
             "total_allocated_mb": None,
             "peak_usage_mb": None,
             "definitions": _MEMORY_DEFS,
         }
     newest = reports[-1]
-    per_instance: dict[str, Report] = {}
-    for r in reports:
-        per_instance[r.instance] = r  # reports are sorted by end time: last wins
+    per_instance = _newest_per_instance(reports)
     kv = [r.kv_total_bytes for r in reports]
+    pc = prefix_cache(reports)
     return {
         "kv_cache_usage_mb": _r(newest.kv_total_bytes / MB, 6),
         "kv_cache_mean_mb": _r(sum(kv) / len(kv) / MB, 6),
         "kv_cache_peak_mb": _r(max(kv) / MB, 6),
+        "kv_cache_hit_rate": pc["hit_rate"],
+        "prefix_cache_mb": _r(pc["bytes_held"] / MB, 6) if pc["samples"] else None,
+        "prefix_cache_saved_mb": _r(pc["bytes_saved"] / MB, 6) if pc["samples"] else None,
         "total_allocated_mb": _r(sum(r.peak_rss_bytes for r in per_instance.values()) / MB),
         "peak_usage_mb": _r(max(r.peak_rss_bytes for r in reports) / MB),
         "definitions": _MEMORY_DEFS,
@@ -331,6 +376,9 @@ _MEMORY_DEFS = {
     "quantization metadata included",
     "kv_cache_mean_mb": "mean kv.total_bytes over the window",
     "kv_cache_peak_mb": "largest kv.total_bytes in the window",
+    "kv_cache_hit_rate": "share of the window's reports (prefix cache on) that reused a cached prefix",
+    "prefix_cache_mb": "sum over instances of the newest prefix_cache.bytes_held (shared blocks counted once)",
+    "prefix_cache_saved_mb": "sum over instances of the newest prefix_cache.bytes_saved (bytes sharing avoids)",
     "total_allocated_mb": "sum over reporting instances of their newest peak_rss_bytes (process peak RSS)",
     "peak_usage_mb": "largest single peak_rss_bytes in the window (one process's peak RSS)",
 }
@@ -350,11 +398,15 @@ def kv_stats(reports: list[Report]) -> dict[str, Any]:
     stores: dict[str, int] = {}
     for r in rs:
         stores[r.kv_store] = stores.get(r.kv_store, 0) + 1
+    pc = prefix_cache(reports)
     return {
         "total_chunks": sum(r.blocks for r in rs),
-        "hit_rate": None,
         "level_distribution": dist,
         "level_fraction": {k: _r(v / total, 4) for k, v in dist.items()} if total else {},
+        "hit_rate": pc["hit_rate"],
+        "token_hit_rate": pc["token_hit_rate"],
+        "prefix_cache_evictions": pc["evictions"],
+        "retokenize_mismatches": pc["retokenize_mismatches"],
         "compression_ratio": _r(stored / fp16, 4) if fp16 else None,
         "compression_vs_fp16": _r(fp16 / stored, 4) if stored else None,
         "stores": stores,
@@ -365,8 +417,9 @@ def kv_stats(reports: list[Report]) -> dict[str, Any]:
             "compression_ratio": "stored KV bytes / the same cache in float16 (lower = smaller)",
             "total_chunks": "KV blocks formed (quantization units of block_len tokens) summed over the window's "
             "non-baseline reports",
-            "hit_rate": "share of prompt tokens served from a reused KV prefix; null: no report carries prefix-cache "
-            "hits in this build",
+            "hit_rate": "share of the window's reports (prefix cache on) that reused a cached prefix (cache_n > 0)",
+            "token_hit_rate": "prompt tokens reused from the prefix cache / prompt tokens, same reports",
+            "prefix_cache_evictions": "entries evicted from the prefix caches (sum of the instances' newest counters)",
         },
     }
 

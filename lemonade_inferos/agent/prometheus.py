@@ -77,6 +77,21 @@ class MetricsCollector(Collector):
             levels.add_metric([level], n)
         yield levels
         yield from _gauge("inferos_kv_compression_ratio", "Stored KV bytes / float16 bytes", kv["compression_ratio"])
+        yield from _gauge("inferos_kv_cache_hit_ratio", "Share of requests that reused a cached prefix (prefix cache)",
+                          kv["hit_rate"])
+        yield from _gauge("inferos_prefix_cache_token_hit_ratio", "Prompt tokens reused from the prefix cache / prompt tokens",
+                          kv["token_hit_rate"])
+        for name, key, doc in (("inferos_prefix_cache", "prefix_cache_mb", "KV states held by the prefix caches"),
+                               ("inferos_prefix_cache_saved", "prefix_cache_saved_mb",
+                                "Bytes the prefix caches save by sharing blocks between states")):
+            v = mem.get(key)
+            if isinstance(v, (int, float)):
+                yield GaugeMetricFamily(name, doc, value=v * MB, unit="bytes")
+        yield CounterMetricFamily("inferos_prefix_cache_evictions", "Prefix-cache entries evicted (LRU), as reported",
+                                  value=kv["prefix_cache_evictions"])
+        yield CounterMetricFamily("inferos_prefix_cache_retokenize_mismatches",
+                                  "Prefix reuses cut short inside generated tokens (chat template re-rendered them)",
+                                  value=kv["retokenize_mismatches"])
 
         dev = m["device_utilization"]
         util = GaugeMetricFamily("inferos_device_utilization_ratio", "Device utilisation 0..1", labels=["device"])

@@ -51,6 +51,28 @@ class KVStatsIn(_In):
     saved_mb_vs_fp16: float | None = Field(None, ge=-1e12, le=1e12)
 
 
+class PrefixCacheIn(_In):
+    """``RunStats.prefix_cache`` (:class:`lemonade_inferos.types.PrefixCacheStats.to_dict()`):
+    the sending engine's prefix cache after the request; counters are cumulative."""
+
+    enabled: bool = False
+    lookups: Count = 0
+    hits: Count = 0
+    hit_tokens: Count = 0
+    lookup_tokens: Count = 0
+    entries: Count = 0
+    blocks: Count = 0
+    bytes_held: Bytes = Field(0, description="distinct bytes of the cached KV states (shared blocks once)")
+    logical_bytes: Bytes = 0
+    bytes_saved: Bytes = 0
+    max_bytes: Bytes = 0
+    evictions: Count = 0
+    evicted_bytes: Bytes = 0
+    retokenize_mismatches: Count = 0
+    quality_rejects: Count = 0
+    hit_rate: float | None = Field(None, ge=0, le=1)
+
+
 class StatsReport(_In):
     """``POST /v1/stats`` body: one PostRun report."""
 
@@ -76,6 +98,8 @@ class StatsReport(_In):
                              description="fingerprint of the prompt's token ids (pairs reports of the same prompt)")
     finish_reason: str = Field("", max_length=64)
     kv: KVStatsIn = Field(default_factory=KVStatsIn)
+    cache_n: Count = Field(0, description="prompt tokens reused from the prefix cache (not prefilled)")
+    prefix_cache: PrefixCacheIn = Field(default_factory=PrefixCacheIn)
     baseline: bool = False
     policy_name: str = Field("", max_length=128, description="the policy that ran (no control/format characters)")
     provider: str = Field("", max_length=128)
@@ -96,9 +120,11 @@ class StatsReport(_In):
     def _plausible_rate(self) -> "StatsReport":
         """Generated tokens over the request time may not exceed MAX_TPS: counts and times
         that are each in range but imply an impossible rate are refused."""
-        if self.total_ms > 0 and self.generated_tokens / (self.total_ms / 1e3) > MAX_TPS:
-            raise ValueError(f"generated_tokens={self.generated_tokens} in total_ms={self.total_ms} is "
-                             f"{self.generated_tokens / (self.total_ms / 1e3):.3g} tokens/s; at most {MAX_TPS:g} is plausible")
+        # tokens over MAX_TPS tokens/s, compared without dividing (total_ms = 5e-324 would
+        # underflow to 0 s and divide by zero)
+        if self.total_ms > 0 and self.generated_tokens * 1e3 > MAX_TPS * self.total_ms:
+            raise ValueError(f"generated_tokens={self.generated_tokens} in total_ms={self.total_ms} is more than "
+                             f"{MAX_TPS:g} tokens/s (the most that is plausible)")
         return self
 
     @field_validator("end_time")

@@ -44,6 +44,7 @@ from ..ort_options import prime_run_options
 from ..policy import Policy, baseline_policy, load_policy
 from ..sysinfo import peak_rss_bytes
 from ..types import InferenceContext, KVStats, RunStats, prompt_fingerprint
+from .prefix_cache import PrefixCache, TailLogits, prefix_cache_bytes_from_env
 from .prompt_nll import PromptNLL
 from .sampling import GenerationConfig, select_token
 from .text import IncrementalDetokenizer, StopStream, TextCodec
@@ -134,6 +135,9 @@ class Engine:
             each request reserves its KV bytes before prefill (may be tightened, queued, or
             refused with :class:`~lemonade_inferos.resources.budget.BudgetExceeded`).
         max_sessions: ORT sessions kept (least recently used beyond that are dropped).
+        prefix_cache_bytes: byte limit of the prefix cache (:attr:`prefix_cache`, KV states
+            of earlier requests reused by later ones with the same prefix); 0 = off; None =
+            ``INFEROS_PREFIX_CACHE_BYTES`` or 512 MiB.
 
     Raises:
         ModelFolderError: the folder is missing or unusable.
@@ -148,6 +152,7 @@ class Engine:
         backend: str = "auto",
         resources: "ResourceManager | None" = None,
         max_sessions: int = 8,
+        prefix_cache_bytes: int | None = None,
     ):
         if model_dir is None:
             from ..model.embedded import embedded_model_dir
@@ -171,6 +176,7 @@ class Engine:
         self._guard: "QualityGuard | None" = None
         self._mask = np.ones((1, self.spec.context_length + 1), dtype=np.int64)
         self._bindings: "weakref.WeakKeyDictionary[KVCache, tuple]" = weakref.WeakKeyDictionary()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes_from_env() if prefix_cache_bytes is None else prefix_cache_bytes)
 
     # -- sessions -----------------------------------------------------------------------
     def _detect_backend(self) -> str:
@@ -404,18 +410,26 @@ class Engine:
         t_first = None
 
         deadline = self._arm_deadline(ro, context, t0)
+        budget = policy.quality.max_delta_ppl if context.quality_budget is None else context.quality_budget
+        reuse = self.prefix_cache.begin(ids, cache, budget_ppl=budget, max_kld=policy.quality.max_kld,
+                                        enabled=context.cache_prompt and not stats.baseline)
+        start = stats.cache_n = reuse.start
+        if start:  # prompt_nll scores only ids[start + 1:]: not comparable with a full prefill's
+            stats.prompt_hash = prompt_fingerprint([*ids, -1, start])
         nll = PromptNLL(ids)
+        tail = self.prefix_cache.tail_logits(reuse, cache, nll)  # the last prompt rows, for its probe
         try:
             t_pre = time.perf_counter()
-            start = 0
+            run_from = start
             while True:  # a provider failing mid-prefill: the rest runs on the next provider
                 try:
-                    last = self._prefill(sess, cache, ids, start, ro, iob, policy.runtime.prefill_chunk_tokens, nll)
+                    last = self._prefill(sess, cache, ids, run_from, ro, iob, policy.runtime.prefill_chunk_tokens, tail)
                     break
                 except Exception as e:
                     sess = self._after_run_failure(sess, e, cache, ro, policy, pm, stats)
-                    start = cache.seq_length
+                    run_from = cache.seq_length
             stats.prefill_ms = (time.perf_counter() - t_pre) * 1e3
+            self.prefix_cache.after_prefill(reuse, cache, ids, tail.rows)
             pos = len(ids)
             step_ids = np.zeros((1, 1), dtype=np.int64)
             while True:
@@ -458,11 +472,18 @@ class Engine:
         self._flush(stream, on_token, finish)
         stats.kv = cache.stats()
         stats.finish_reason = finish
+        if finish != "deadline":  # a terminated run may have left the cache short of its tokens
+            fed = ids + out_ids[: cache.seq_length - len(ids)]
+            self.prefix_cache.store(reuse, cache, fed, len(ids), new_cache=lambda: pm.kv_cache(policy, self.spec, context),
+                                    run=lambda c, x, p: self._run(sess, c, x, p, ro, False))
+        stats.prefix_cache = self.prefix_cache.stats()
+        if reuse.note:
+            stats.notes.append(reuse.note)
         self._finish(stats, context, pm, t0, t_first, len(out_ids))
         return GenerationResult(text=stream.text, token_ids=out_ids, prompt_ids=list(ids), finish_reason=finish, stats=stats, policy=policy)
 
     def _prefill(self, sess: ort.InferenceSession, cache: KVCache, ids: list[int], start: int,
-                 ro: ort.RunOptions, iob: bool, chunk: int, nll: PromptNLL | None = None) -> np.ndarray:
+                 ro: ort.RunOptions, iob: bool, chunk: int, nll: "PromptNLL | TailLogits | None" = None) -> np.ndarray:
         """Run ``ids[start:]`` at positions ``start..`` in chunks of ``chunk`` tokens.
 
         Returns the float32 ``[vocab]`` logits after the last token; hands each chunk's

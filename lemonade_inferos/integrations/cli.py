@@ -168,6 +168,10 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="cap on generated tokens per request (default: the rest of the context)")
     s.add_argument("--model-id", default=None, metavar="NAME",
                    help="model name in responses and /v1/models (default: the model's name)")
+    s.add_argument("--prefix-cache-bytes", type=_size("--prefix-cache-bytes", lo=0), default=None, metavar="SIZE",
+                   help="memory for KV states kept between requests, so a chat's next turn or a shared system "
+                   "prompt is not prefilled again (bytes or a size like 512MiB; 0 = off; default: "
+                   "INFEROS_PREFIX_CACHE_BYTES or 512MiB); least recently used states are evicted first")
     s.add_argument("--baseline", action="store_true",
                    help="no plugins (same as INFEROS_DISABLE=1): ORT defaults, full-precision KV cache")
     s.add_argument("--kv-budget", default=None, metavar="SIZE",
@@ -197,7 +201,7 @@ def _positive_int(flag: str, lo: int) -> Any:
     return parse
 
 
-def _size(flag: str) -> Any:
+def _size(flag: str, lo: int = 1) -> Any:
     def parse(text: str) -> int:
         from ..policy import PolicyError, parse_size
 
@@ -205,8 +209,8 @@ def _size(flag: str) -> Any:
             v = parse_size(text, field=flag)
         except (PolicyError, ValueError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not allowed; must be >= 1 byte")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not allowed; must be >= {lo} byte(s)")
         return v
 
     return parse

@@ -38,7 +38,13 @@ to it (``finish_reason: "length"``). ``frequency_penalty`` / ``presence_penalty`
 checked for OpenAI's range [-2, 2] and otherwise ignored (the engine has the CTRL
 repetition penalty instead). Not supported, answered with 400: ``n`` > 1, ``logprobs``,
 ``tools``, ``logit_bias``, ``response_format`` other than text, ``suffix``, ``best_of`` > 1.
-Unknown fields are ignored.
+``cache_prompt`` (llama.cpp server extension, default true): false = do not reuse or keep
+a cached KV state for this request (the whole prompt is prefilled). Unknown fields are
+ignored.
+
+Prefix cache: a request whose prompt starts with the tokens of an earlier request (a chat's
+next turn, a shared system prompt) starts from that request's KV state and prefills only
+the rest (:mod:`lemonade_inferos.engine.prefix_cache`; limit ``--prefix-cache-bytes``).
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400
 ``invalid_request_error`` names the field, the value and what is allowed; a prompt that
@@ -60,7 +66,9 @@ Every response carries OpenAI ``usage`` (``prompt_tokens``, ``completion_tokens`
 ``total_tokens``; the engine's counts) and a llama.cpp-style ``timings`` object, which is
 what ``lemond`` turns into its ``/api/v1/stats`` and Prometheus metrics:
 
-* ``prompt_n`` = prompt tokens, ``cache_n`` = 0 (no prompt cache across requests);
+* ``prompt_n`` = prompt tokens prefilled by this request, ``cache_n`` = prompt tokens whose
+  KV state came from the engine's prefix cache (llama.cpp's meaning: ``prompt_n +
+  cache_n`` = ``usage.prompt_tokens``; also in ``usage.prompt_tokens_details.cached_tokens``);
 * ``prompt_ms`` = time to first token (request start → first generated token; the first
   token comes out of the prompt pass, and lemond reads ``prompt_ms`` as TTFT);
 * ``predicted_n`` = completion tokens; ``predicted_ms`` = the rest of the generation;
@@ -426,16 +434,17 @@ def request_client(request: Any) -> str:
         raise APIError(400, str(e), param="X-Inferos-Client") from None
 
 
-def usage_of(result: Any) -> dict[str, int]:
+def usage_of(result: Any) -> dict[str, Any]:
     p, n = len(result.prompt_ids), len(result.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+    return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
+            "prompt_tokens_details": {"cached_tokens": result.stats.cache_n}}
 
 
 def timings_of(result: Any) -> dict[str, Any]:
     """llama.cpp-style ``timings`` from a :class:`GenerationResult` (definitions in the
     module docstring)."""
     st = result.stats
-    p, n = len(result.prompt_ids), len(result.token_ids)
+    p, n = len(result.prompt_ids) - st.cache_n, len(result.token_ids)
     prompt_ms = st.ttft_ms if st.ttft_ms is not None else st.total_ms
     predicted_ms = max(0.0, st.total_ms - prompt_ms)
     return {
@@ -447,17 +456,23 @@ def timings_of(result: Any) -> dict[str, Any]:
         "predicted_ms": round(predicted_ms, 3),
         "predicted_per_token_ms": round(predicted_ms / (n - 1), 3) if n > 1 else 0.0,
         "predicted_per_second": round((n - 1) * 1e3 / predicted_ms, 3) if n > 1 and predicted_ms > 0 else 0.0,
-        "cache_n": 0,
+        "cache_n": st.cache_n,
     }
 
 
 def inferos_info(result: Any) -> dict[str, Any]:
-    """Extra ``inferos`` object in responses: request id, policy, KV store and bytes."""
+    """Extra ``inferos`` object in responses: request id, policy, KV store and bytes, and the
+    engine's prefix cache after this request (bytes held / saved by sharing, entries, hit
+    rate, evictions)."""
     st = result.stats
     return {
         "request_id": st.request_id, "policy": st.policy_name, "backend": st.backend,
         "finish_reason": result.finish_reason, "kv_store": st.kv.store, "kv_bytes": st.kv.total_bytes,
         "kv_compression_vs_fp16": round(st.kv.compression_vs_fp16, 4),
+        "cache_n": st.cache_n,
+        "prefix_cache": {k: v for k, v in st.prefix_cache.to_dict().items()
+                         if k in ("bytes_held", "logical_bytes", "bytes_saved", "entries", "hit_rate", "evictions",
+                                  "retokenize_mismatches", "quality_rejects")},
     }
 
 
@@ -568,7 +583,7 @@ class ResponsesShape(Shape):
         if result is not None:
             out = [self._item("completed", result.text)]
             u = usage_of(result)
-            usage = {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": result.stats.cache_n},
                      "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": u["total_tokens"]}
             if result.finish_reason == "length":
@@ -731,6 +746,7 @@ class App:
         cfg.max_new_tokens = max(1, limit)
         context = InferenceContext(
             model=opts.model_id, prompt_tokens=len(ids), max_new_tokens=cfg.max_new_tokens, host="serve",
+            cache_prompt=_bool(body, "cache_prompt", True),
             extra={"endpoint": endpoint, "stream": stream, "client": request_client(request)},
         )
         sem = st.semaphore()
@@ -817,6 +833,7 @@ class App:
             "request_id": s.request_id,
             "policy": s.policy_name,
             "kv_bytes": s.kv.total_bytes,
+            "cache_n": s.cache_n,
         }
         t = timings_of(res)
         log.info("request %s %s: prompt %d, completion %d tokens, TTFT %.1f ms, %.1f tokens/s, %s",
@@ -1111,6 +1128,8 @@ def serve(args: argparse.Namespace) -> int:
             from ..resources.manager import attach_from_args
 
             attach_from_args(engine, args)
+        if getattr(args, "prefix_cache_bytes", None) is not None:
+            engine.prefix_cache.set_max_bytes(args.prefix_cache_bytes)
         # load and run the model now: /health answers only once requests can succeed
         engine.preload()
         app = create_app(engine, ctx_size=args.ctx_size, max_concurrency=args.max_concurrency,
@@ -1129,7 +1148,8 @@ def serve(args: argparse.Namespace) -> int:
     disabled = not getattr(engine.pm, "enabled", True)
     print(f"inferos serve: model {o.model_id} ({o.checkpoint}), context {o.ctx_size} tokens, "
           f"policy {'baseline (INFEROS_DISABLE=1)' if disabled else engine.policy.name}, "
-          f"max concurrency {o.max_concurrency}, chat template {st.template.origin}", file=sys.stderr)
+          f"max concurrency {o.max_concurrency}, chat template {st.template.origin}, "
+          f"prefix cache {_size_or_off(engine.prefix_cache.max_bytes)}", file=sys.stderr)
     port = sock.getsockname()[1]
     print(f"inferos serve: listening on http://{args.host}:{port} (OpenAI API at /v1 and /api/v1)",
           file=sys.stderr, flush=True)
@@ -1138,6 +1158,12 @@ def serve(args: argparse.Namespace) -> int:
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="info" if verbose else "warning",
                                   access_log=verbose, timeout_graceful_shutdown=5)).run(sockets=[sock])
     return 0
+
+
+def _size_or_off(n: int) -> str:
+    from ..policy import format_size
+
+    return format_size(n) if n else "off"
 
 
 def ryzenai_main(argv: list[str] | None = None) -> int:

@@ -12,17 +12,67 @@ some of them (:meth:`KVCache.attention_mask`).
 This mirrors the role of ``transformers.Cache`` / ``QuantizedCache`` (``update()`` returns
 what attention reads), but across an ONNX Runtime graph boundary instead of a Python
 attention call.
+
+Reuse across requests (the prefix cache, :mod:`lemonade_inferos.engine.prefix_cache`):
+:meth:`KVCache.snapshot` captures a cache's state as an immutable :class:`KVSnapshot`,
+:meth:`KVCache.restore` loads one into a fresh cache of the same configuration
+(:meth:`KVCache.reuse_key`), and :meth:`KVCache.truncate` cuts the state back to a prefix
+of its tokens, so a request whose prompt extends a cached sequence prefills only the rest.
+A snapshot never changes after it is taken and a restored cache never writes into the
+snapshot's arrays, so one snapshot can seed any number of concurrent requests.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..model.spec import DecoderSpec
 from ..types import KVStats
+
+
+class KVCacheReuseError(ValueError):
+    """A snapshot cannot be restored into this cache, or the state cannot be truncated to
+    the asked length (the message says why)."""
+
+
+@dataclass(frozen=True, eq=False)
+class KVSnapshot:
+    """An immutable KV state of ``tokens`` tokens, taken by :meth:`KVCache.snapshot`.
+
+    Attributes:
+        reuse_key: the :meth:`KVCache.reuse_key` of the cache it came from; it restores
+            only into a cache with the same key.
+        tokens: logical sequence length (tokens, evicted ones included).
+        arrays: every numpy array the state holds, by name (read-only by contract: neither
+            the snapshot's owner nor a restored cache writes into them). The byte
+            accounting of the prefix cache counts each distinct array (by identity) once,
+            so arrays shared between snapshots are held once.
+        lossy_tokens: tokens held below the precision a fresh prefill would give them
+            (quantized to INT8/INT4 or evicted); 0 = reuse is exact.
+        token_axis: when every array holds one slice per token along this axis (the
+            full-precision store: axis 2), the prefix cache may split the state into
+            token blocks and share equal blocks between sequences; None = keep it whole.
+        state: store-specific scalars and small bookkeeping (not counted in bytes).
+    """
+
+    reuse_key: str
+    tokens: int
+    arrays: Mapping[str, np.ndarray]
+    lossy_tokens: int = 0
+    token_axis: int | None = None
+    state: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the distinct arrays of this snapshot."""
+        seen: dict[int, int] = {}
+        for a in self.arrays.values():
+            seen[id(a)] = a.nbytes
+        return int(sum(seen.values()))
 
 
 class KVCache(abc.ABC):
@@ -33,6 +83,10 @@ class KVCache(abc.ABC):
 
     #: file name of the decoder graph this cache feeds, relative to the model folder.
     graph_file: str = "model.onnx"
+    #: :attr:`KVSnapshot.token_axis` of this cache's snapshots: when set, the state can be
+    #: cut at any token (the prefix cache splits it into shared blocks); None = cut only
+    #: where :meth:`truncate_floor` allows.
+    token_axis: int | None = None
 
     def __init__(self, spec: DecoderSpec):
         self.spec = spec
@@ -101,6 +155,62 @@ class KVCache(abc.ABC):
         """What the logical sequence would take with every K/V element at this size."""
         return int(self.spec.kv_bytes_per_token(bytes_per_element) * self.seq_length)
 
+    # -- reuse across requests (prefix cache) -------------------------------------------
+    def reuse_key(self) -> str | None:
+        """A string naming everything that makes two caches' states interchangeable (store
+        kind, graph, configuration), or None when this cache cannot be snapshotted
+        (default). States are only ever restored into a cache with the same key."""
+        return None
+
+    def snapshot(self) -> KVSnapshot:
+        """The current state as an immutable :class:`KVSnapshot` (the cache stays usable;
+        later updates never change the snapshot).
+
+        Raises:
+            KVCacheReuseError: this cache does not support snapshots (:meth:`reuse_key`
+                is None).
+        """
+        raise KVCacheReuseError(f"{type(self).__name__} does not support snapshots")
+
+    def restore(self, snap: KVSnapshot) -> None:
+        """Load ``snap`` into this cache, which must be empty (``seq_length == 0``).
+
+        The cache then holds exactly the snapshot's state, as if it had run the same
+        tokens; it never writes into the snapshot's arrays (copy on write).
+
+        Raises:
+            KVCacheReuseError: the cache is not empty or ``snap.reuse_key`` differs from
+                :meth:`reuse_key`.
+        """
+        raise KVCacheReuseError(f"{type(self).__name__} does not support restoring snapshots")
+
+    def truncate(self, tokens: int) -> None:
+        """Drop every token at position ``>= tokens`` (keep the first ``tokens``).
+
+        Raises:
+            KVCacheReuseError: ``tokens`` is outside ``[truncate_floor(), seq_length]``
+                (the state cannot be cut there, e.g. the tokens after it are quantized).
+        """
+        raise KVCacheReuseError(f"{type(self).__name__} does not support truncation")
+
+    def truncate_floor(self) -> int:
+        """The smallest length :meth:`truncate` accepts (tokens); ``seq_length`` when the
+        cache cannot be truncated at all."""
+        return self.seq_length
+
+    def _check_restore(self, snap: KVSnapshot) -> None:
+        if self.seq_length:
+            raise KVCacheReuseError(f"restore needs an empty cache; this one holds {self.seq_length} tokens")
+        if snap.reuse_key != self.reuse_key():
+            raise KVCacheReuseError(f"snapshot of {snap.reuse_key!r} cannot be restored into {self.reuse_key()!r}")
+
+    def _check_truncate(self, tokens: int) -> int:
+        tokens = int(tokens)
+        lo, hi = self.truncate_floor(), self.seq_length
+        if not lo <= tokens <= hi:
+            raise KVCacheReuseError(f"cannot truncate to {tokens} tokens; allowed: {lo}..{hi}")
+        return tokens
+
 
 def _as_array(v: object) -> np.ndarray:
     return v if isinstance(v, np.ndarray) else v.numpy()  # OrtValue
@@ -116,6 +226,7 @@ class FullPrecisionKVCache(KVCache):
     """
 
     graph_file = "model.onnx"
+    token_axis = 2
 
     def __init__(self, spec: DecoderSpec):
         super().__init__(spec)
@@ -149,6 +260,44 @@ class FullPrecisionKVCache(KVCache):
         for out_name, in_name in self._out_to_in.items():
             self._past[in_name] = outputs[out_name]
         self._len += new_tokens
+
+    def reuse_key(self) -> str:
+        return f"fp32:{self.graph_file}"
+
+    def snapshot(self) -> KVSnapshot:
+        """Arrays by past input name, float32 ``[1, kv_heads, seq, head_dim]``, read-only
+        views of the present outputs (no copy for numpy arrays: every run's present is new
+        memory and :meth:`update` replaces the past, never writes into it; ``OrtValue``s
+        are copied out). Exact: ``lossy_tokens`` = 0."""
+        arrays = {}
+        for name, v in self._past.items():
+            a = _as_array(v).view()
+            a.flags.writeable = False
+            arrays[name] = a
+        return KVSnapshot(self.reuse_key(), self._len, arrays, token_axis=2)
+
+    def restore(self, snap: KVSnapshot) -> None:
+        """Bind the snapshot's arrays as the past (no copy: the graph's Concat writes every
+        run's present into new memory, so the snapshot is never written)."""
+        self._check_restore(snap)
+        if set(snap.arrays) != set(self._past):
+            raise KVCacheReuseError("snapshot arrays do not match this decoder's past inputs")
+        for name, a in snap.arrays.items():
+            if a.shape[2] != snap.tokens:
+                raise KVCacheReuseError(f"snapshot array {name} holds {a.shape[2]} tokens, expected {snap.tokens}")
+            self._past[name] = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+        self._len = int(snap.tokens)
+
+    def truncate(self, tokens: int) -> None:
+        n = self._check_truncate(tokens)
+        if n == self._len:
+            return
+        for name, v in self._past.items():
+            self._past[name] = np.ascontiguousarray(_as_array(v)[:, :, :n, :])
+        self._len = n
+
+    def truncate_floor(self) -> int:
+        return 0
 
     def stats(self) -> KVStats:
         fp32 = self.fp_bytes(4)

@@ -64,7 +64,7 @@ import numpy as np
 
 from ..model.spec import DecoderSpec
 from ..types import KVStats
-from .base import KVCache
+from .base import KVCache, KVCacheReuseError, KVSnapshot
 from .graph import ATTN_MASS, KINDS, L0, L2_CODES, L2_ZERO, LEVEL_BITS, NEW_KV, GraphLayout, ensure_graph, input_names
 from .importance import block_mass, block_mass_mean, fallback_scores
 from .quantize import dequantize, quantize, quantize_groups, stored_nbytes
@@ -483,6 +483,86 @@ class TieredKVCache(KVCache):
         ready = (seq - c.recent_window - c.sink_tokens) // c.block_len
         if ready > self._formed or (c.budget_bytes is not None and self.total_bytes() > c.budget_bytes):
             self._rebalance(max(ready, self._formed))
+
+    # ------------------------------------------------------------------ reuse (prefix cache)
+    def reuse_key(self) -> str:
+        """``tiered:`` + the graph file + every :class:`StoreConfig` field."""
+        return f"tiered:{self.graph_file}:{self.config!r}"
+
+    def lossy_tokens(self) -> int:
+        """Tokens held quantized (L1/L2) or evicted (L3): what a fresh prefill would still
+        hold at full precision while its prompt runs."""
+        return int(self._nq() + self._evicted_tokens)
+
+    def snapshot(self) -> KVSnapshot:
+        """The state: the used L0 columns (a copy, float16 ``[2L, E, n0]``) and the quantized
+        tiers' arrays *by reference* (re-tiering replaces tier arrays, it never writes into
+        them, so snapshots and every cache restored from them share those bytes); plus the
+        importance and position bookkeeping (copies)."""
+        n0, seq = self._n0, self._seq
+        arrays: dict[str, np.ndarray] = {L0: self._l0buf[:, :, :n0].copy()}
+        for level, tier in self._tiers.items():
+            for name, a in tier.arrays.items():
+                arrays[f"tier{level}/{name}"] = a
+        state = {
+            "seq": seq, "n0": n0, "formed": self._formed, "evicted": self._evicted_tokens,
+            "levels": self._levels.copy(), "knorm": self._knorm.copy(),
+            "tok_mass": self._tok_mass[:seq].copy(), "acc0": self._acc0[:n0].copy(),
+            "l0_tok": self._l0_tok[:n0].copy(), "q_tok": self._q_tok.copy(), "acc_q": self._acc_q.copy(),
+            "tier_blocks": {level: list(t.blocks) for level, t in self._tiers.items()},
+        }
+        return KVSnapshot(self.reuse_key(), seq, arrays, lossy_tokens=self.lossy_tokens(), state=state)
+
+    def restore(self, snap: KVSnapshot) -> None:
+        """Load ``snap``: L0 columns copied into this cache's own buffer, tier arrays bound
+        as they are (shared, never written)."""
+        self._check_restore(snap)
+        st = snap.state
+        n0, seq = int(st["n0"]), int(st["seq"])
+        self._n0 = 0
+        self._alloc_l0(self._l0_cap(n0))
+        self._l0buf[:, :, :n0] = snap.arrays[L0]
+        self._acc0[:n0] = st["acc0"]
+        self._l0_tok[:n0] = st["l0_tok"]
+        self._n0, self._seq = n0, seq
+        self._formed, self._evicted_tokens = int(st["formed"]), int(st["evicted"])
+        self._levels, self._knorm = st["levels"].copy(), st["knorm"].copy()
+        self._tok_mass[:] = 0
+        self._tok_mass[:seq] = st["tok_mass"]
+        self._q_tok, self._acc_q = st["q_tok"].copy(), st["acc_q"].copy()
+        for level, tier in self._tiers.items():
+            prefix = f"tier{level}/"
+            tier.arrays = {k[len(prefix):]: a for k, a in snap.arrays.items() if k.startswith(prefix)}
+            tier.blocks = list(st["tier_blocks"][level])
+        self._mask_state = None
+        self._refresh_tier_inputs()
+
+    def truncate_floor(self) -> int:
+        """Tokens after the last quantized or evicted block can be dropped: the state can
+        be cut anywhere from the end of that block (or 0 when there is none)."""
+        lossy = np.nonzero(self._levels > 0)[0]
+        if lossy.size == 0:
+            return 0
+        return int(self.config.sink_tokens + (int(lossy[-1]) + 1) * self.config.block_len)
+
+    def truncate(self, tokens: int) -> None:
+        """Drop the tokens at positions ``>= tokens`` (all at L0, see
+        :meth:`truncate_floor`); formed blocks reaching past the cut go back to the recent
+        window. Importance accumulated from the dropped tokens' queries onto earlier
+        tokens is kept (it only steers later re-tiering)."""
+        n = self._check_truncate(tokens)
+        if n == self._seq:
+            return
+        c = self.config
+        formed = max(0, min(self._formed, (n - c.sink_tokens) // c.block_len))
+        keep = int(np.count_nonzero(self._l0_tok[: self._n0] < n))
+        self._acc0[keep:self._n0] = 0
+        self._n0 = keep
+        self._tok_mass[n:] = 0
+        self._formed = formed
+        self._levels, self._knorm = self._levels[:formed].copy(), self._knorm[:formed].copy()
+        self._seq = n
+        self._mask_state = None
 
     # ------------------------------------------------------------------ re-tiering
     def _flush_mass(self) -> None:
