@@ -134,7 +134,7 @@ def run(args) -> dict:
     folder = resolve_model(args.model, _say)
     threads = args.threads
     default = load_policy("default").merged({"runtime": {"intra_op_threads": threads}})
-    engine = Engine(folder, pm=get_plugin_manager(entry_points=False), policy=default)
+    engine = Engine(folder, pm=get_plugin_manager(entry_points=False), policy=default, prefix_cache_bytes=0)
     spec = engine.spec
     sp = samples_path(args.model)
     if args.make_samples or not sp.is_file():

@@ -64,7 +64,8 @@ def worker(cfg: dict) -> None:
         pol = load_policy("default").merged({"runtime": {"intra_op_threads": threads}})
         if eng == "ours-fp":
             pol = pol.merged({"kv": {"mode": "disabled"}})
-        engine = Engine(folder, pm=get_plugin_manager(entry_points=False), policy=pol)
+        # prefix cache off: every measurement prefills its whole prompt, like og and llama.cpp
+        engine = Engine(folder, pm=get_plugin_manager(entry_points=False), policy=pol, prefix_cache_bytes=0)
         encode = engine.encode
     else:
         import _llamacpp as L
