@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 
 import pytest
 import requests
@@ -23,6 +24,16 @@ PORT = 7711
 @pytest.fixture()
 def served(embedded_model, tmp_path):
     eng = Engine(embedded_model, pm=get_plugin_manager(entry_points=False), policy=load_policy("default"))
+    # every model run takes 5 ms more (a stand-in for a real model's step): a 380-token
+    # request then lasts ~2 s on any machine, so concurrent requests really overlap (on an
+    # idle machine stories260K finishes one in ~0.1 s and the queue never fills)
+    real_run = eng._run
+
+    def slow_run(*a, **k):
+        time.sleep(0.005)
+        return real_run(*a, **k)
+
+    eng._run = slow_run
     est = kv_bytes_estimate(eng.spec, eng.policy, 400)
     qs = QuotaStore(tmp_path / "history.sqlite3")
     rm = attach(eng, ResourceManager(int(est.want * 1.5), quotas=qs, timeout_s=0.3))
