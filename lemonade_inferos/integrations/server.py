@@ -1115,6 +1115,7 @@ def serve(args: argparse.Namespace) -> int:
     except ListenError as e:
         print(f"inferos serve: error: {e}", file=sys.stderr)
         return 2
+    rm = None
     try:
         from ..host import build_engine
 
@@ -1127,7 +1128,7 @@ def serve(args: argparse.Namespace) -> int:
         if not getattr(args, "no_resource_manager", True):
             from ..resources.manager import attach_from_args
 
-            attach_from_args(engine, args)
+            rm = attach_from_args(engine, args)
         if getattr(args, "prefix_cache_bytes", None) is not None:
             engine.prefix_cache.set_max_bytes(args.prefix_cache_bytes)
         # load and run the model now: /health answers only once requests can succeed
@@ -1138,6 +1139,8 @@ def serve(args: argparse.Namespace) -> int:
                          allowed_hosts=allowed_hosts_for(args.host, getattr(args, "allowed_host", None) or ()))
     except (ModelFolderError, PolicyError, ValueError, FileNotFoundError) as e:
         sock.close()
+        if rm is not None and getattr(rm, "runtime", None) is not None:
+            rm.runtime.loops.stop()  # no control-loop thread may still be running ORT at exit
         print(f"inferos serve: error: {e}", file=sys.stderr)
         return 2
     st: ServerState = app.state.inferos
@@ -1155,8 +1158,12 @@ def serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="info" if verbose else "warning",
-                                  access_log=verbose, timeout_graceful_shutdown=5)).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="info" if verbose else "warning",
+                                      access_log=verbose, timeout_graceful_shutdown=5)).run(sockets=[sock])
+    finally:
+        if rm is not None and getattr(rm, "runtime", None) is not None:
+            rm.runtime.loops.stop()  # the control loops' thread ends before the interpreter does
     return 0
 
 
