@@ -684,9 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="embedded,synthetic")
     ap.add_argument("--variants", default="fp,compressed", help="comma-separated: fp, compressed, fp16")
     ap.add_argument("--policy", default="default", help="preset of the compressed variant")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=int, default=None,
                     help="onnxruntime intra-op threads of every variant's session (default 1: "
-                         "single-stream decode; 0 = the policy's setting, i.e. ORT's default)")
+                         "single-stream decode; with --model 2, for every engine; 0 = the policy's setting, "
+                         "i.e. ORT's default)")
     ap.add_argument("--lengths", default="", help="e.g. 'embedded=64,448;synthetic=512,8192'")
     ap.add_argument("--steps", type=int, default=0, help="timed decode steps per measurement")
     ap.add_argument("--repeats", type=int, default=0)
@@ -707,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lengths = args.lengths or "256,1024,4096,8064"
         args.steps = args.steps or 64
         args.repeats = args.repeats or 3
-        args.threads = args.threads if args.threads != 1 or "--threads" in (argv or sys.argv) else 2
+        args.threads = 2 if args.threads is None else args.threads
         tag = Path(args.model).name.split("-")[0]
         t0 = time.perf_counter()
         out = M.run(args)
@@ -716,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(out, args.out or str(RESULTS / f"kv_speed_{tag}.json"),
                       str(RESULTS / f"kv_speed_{tag}.png") if args.plot is None else args.plot, M.plot)
         return 0
+    args.threads = 1 if args.threads is None else args.threads
     args.lengths = _parse_lengths(args.lengths)
     stem = "kv_speed.quick" if args.quick else "kv_speed"
     args.out = args.out or str(RESULTS / f"{stem}.json")

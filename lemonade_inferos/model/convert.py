@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .export import StandardKVAdapter, build_decoder, save_model
-from .hf_tokenizer import TokenizerFiles
 from .llama2c import load_llama2c
 from .output_dir import MANIFEST, check_output_dir, commit_output_dir, discard_output_dir, prepare_output_dir
 from .precision import FOLD_NORMS, PRECISIONS, apply_weight_precision
@@ -300,10 +299,6 @@ def convert_llama2c(
         overwrite=overwrite, inputs=inputs)
 
 
-def _write_tokenizer_files(files: TokenizerFiles) -> Callable[[Path], object]:
-    return files.write
-
-
 def convert_gguf(
     gguf_file: str | Path,
     out_dir: str | Path,
@@ -357,7 +352,7 @@ def convert_gguf(
                        f"licence: {meta.get('general.license', 'see the source')}.\n")
     t = model.tokenizer
     return write_model_folder(
-        model.weights, out, manifest=manifest, write_tokenizer=_write_tokenizer_files(t),
+        model.weights, out, manifest=manifest, write_tokenizer=t.write,
         bos_token_id=t.bos_token_id, eos_token_ids=t.eos_token_ids, pad_token_id=t.pad_token_id,
         attribution=attribution, precision=weights, progress=say, overwrite=overwrite, inputs=[src])
 
