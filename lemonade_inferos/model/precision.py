@@ -121,8 +121,8 @@ def apply_weight_precision(model: onnx.ModelProto, precision: str) -> onnx.Model
         model = _quantize_matmuls(model, bits, include=layer_nodes, exclude=None)
     if head:
         model = _quantize_matmuls(model, 8, include=head, exclude=None)
-    left = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in matmul_weights
-            and n.input[1] in {t.name for t in model.graph.initializer}]
+    still_float = matmul_weights & {t.name for t in model.graph.initializer}
+    left = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in still_float]
     if left:
         log.info("MatMuls left in float32 (shapes the quantizer does not take): %s", left)
     return model
